@@ -1,0 +1,187 @@
+"""Numba kernels for online k-means (CPU fast path of :mod:`rt_numpy.kmeans`).
+
+Two kernels, each computing exactly what a reference function in
+:mod:`rt_numpy.kmeans` computes (``tests/test_kmeans_kernels.py`` proves it):
+
+* :func:`assign_and_stats` - nearest centroid of every point plus the
+  per-cluster sums and counts, in one pass over the points.  The points are
+  taken a tile at a time: the tile's similarities ``(P, K)`` come from one BLAS
+  matrix product and stay in cache while a compiled loop takes the argmax and
+  adds the point to its cluster's sum.  The full ``(N, K)`` similarity matrix
+  of the reference path is never built.
+* :func:`top_w_positions` - the ``W`` most similar positions of every cluster,
+  sorted by position, ties broken towards the lower position.  Instead of
+  sorting ``T`` scores per cluster it finds the ``W``-th largest score (a
+  selection, O(T)) and walks the positions once, keeping everything above that
+  threshold and the first few equal to it.  The walk visits positions in
+  increasing order, so the result comes out sorted with no extra sort.
+
+This module is a leaf: it imports numpy and numba only.  No ``fastmath``: the
+kernels must agree with the reference to the last bit where they can.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def _argmax_accumulate(sims, x, assign_out, sums, counts):
+    """For each row: argmax of ``sims`` (first on ties), then add ``x`` to that sum.
+
+    sims (P, K), x (P, D), assign_out (P,) int64, sums (K, D), counts (K,) int64.
+    ``assign_out``, ``sums`` and ``counts`` are written in place.
+    """
+    P, K = sims.shape
+    D = x.shape[1]
+    for i in range(P):
+        best = 0
+        best_val = sims[i, 0]
+        for k in range(1, K):
+            if sims[i, k] > best_val:  # strict: the lowest index wins a tie
+                best = k
+                best_val = sims[i, k]
+        assign_out[i] = best
+        counts[best] += 1
+        for d in range(D):
+            sums[best, d] += x[i, d]
+
+
+def tile_rows(num_clusters: int, itemsize: int) -> int:
+    """Points per tile so that one tile of similarities is about 256 KiB."""
+    rows = (256 * 1024) // max(1, num_clusters * itemsize)
+    return int(min(4096, max(64, rows)))
+
+
+def assign_and_stats(points, means):
+    """Nearest centroid, per-cluster sums and counts, without an (N, K) matrix.
+
+    Parameters
+    ----------
+    points : ndarray, shape (B, H, T, D), float32 or float64
+    means : ndarray, shape (H, K, D), same dtype
+
+    Returns
+    -------
+    assignments : ndarray (B, H, T) int64
+    sums : ndarray (H, K, D), dtype of points (summed over B and T in order)
+    counts : ndarray (H, K) int64
+    """
+    B, H, T, D = points.shape
+    K = means.shape[1]
+    assignments = np.empty((B, H, T), dtype=np.int64)
+    sums = np.zeros((H, K, D), dtype=points.dtype)
+    counts = np.zeros((H, K), dtype=np.int64)
+    step = tile_rows(K, points.dtype.itemsize)
+    for h in range(H):
+        means_t = np.ascontiguousarray(means[h].T)  # (K, D) -> (D, K)
+        for b in range(B):
+            for t0 in range(0, T, step):
+                x = np.ascontiguousarray(points[b, h, t0:t0 + step])  # (P, D)
+                sims = x @ means_t  # (P, D) @ (D, K) -> (P, K), stays in cache
+                _argmax_accumulate(sims, x, assignments[b, h, t0:t0 + step], sums[h], counts[h])
+    return assignments, sums, counts
+
+
+@njit(cache=True)
+def _kth_largest(a, n, kth):
+    """The ``kth`` largest (1 = the maximum) of ``a[:n]``, by quickselect; reorders ``a``."""
+    lo = 0
+    hi = n - 1
+    target = kth - 1  # its index once a[:n] is in decreasing order
+    while lo < hi:
+        x, y, z = a[lo], a[(lo + hi) // 2], a[hi]  # pivot: the median of three
+        if x < y:
+            x, y = y, x
+        if y < z:
+            y = z
+            if x < y:
+                y = x
+        pivot = y
+        i = lo
+        j = hi
+        while i <= j:  # Hoare partition: larger values to the left
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            return a[target]
+    return a[target]
+
+
+@njit(cache=True)
+def _top_w_of_row(row, W, out, sample, values, positions):
+    """Positions of the W largest entries of ``row`` (T,), ascending; ties: lower first.
+
+    1. A bar from a sample: the ``rank``-th largest of every ``step``-th entry.
+       The W-th largest of the whole row is very likely above it.
+    2. One walk over the row keeps the entries at or above the bar (about 3W),
+       with their positions, in position order.
+    3. The exact W-th largest of those candidates is the threshold: keep all
+       entries above it and the first few equal to it.  Still in position order.
+    If fewer than W entries reach the bar (unlucky sample, many ties), step 2 is
+    redone with every entry as a candidate, so the result is always exact.
+    """
+    T = row.shape[0]
+    step = max(1, W // 4)
+    m = (T + step - 1) // step
+    expected = W / step  # sampled entries expected among the W largest
+    rank = min(m, int(expected + 3.0 * np.sqrt(expected)) + 2)
+    for j in range(m):
+        sample[j] = row[j * step]
+    bar = _kth_largest(sample, m, rank)
+    n = 0
+    for t in range(T):
+        v = row[t]
+        if v >= bar:
+            values[n] = v
+            positions[n] = t
+            n += 1
+    if n < W:  # the bar was too high: every entry is a candidate
+        for t in range(T):
+            values[t] = row[t]
+            positions[t] = t
+        n = T
+    for i in range(n):
+        sample[i] = values[i]  # the sample buffer is free again: use it as scratch
+    threshold = _kth_largest(sample, n, W)
+    above = 0
+    for i in range(n):
+        if values[i] > threshold:
+            above += 1
+    equal_left = W - above  # how many entries equal to the threshold still fit
+    j = 0
+    for i in range(n):
+        v = values[i]
+        if v > threshold or (v == threshold and equal_left > 0):
+            if v == threshold:
+                equal_left -= 1
+            out[j] = positions[i]
+            j += 1
+
+
+@njit(cache=True)
+def top_w_positions(scores, W):
+    """Balanced top-W membership from cluster-major scores.
+
+    scores (B, H, K, T) float -> members (B, H, K, W) int64, each row ascending.
+    """
+    B, H, K, T = scores.shape
+    members = np.empty((B, H, K, W), dtype=np.int64)
+    sample = np.empty(T, dtype=scores.dtype)
+    values = np.empty(T, dtype=scores.dtype)
+    positions = np.empty(T, dtype=np.int64)
+    for b in range(B):
+        for h in range(H):
+            for k in range(K):
+                _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
+    return members

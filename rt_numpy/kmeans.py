@@ -1,0 +1,502 @@
+"""Online mini-batch spherical k-means: the routing module of the Routing Transformer.
+
+Every routing head owns K centroids.  Queries and keys are normalised, each one is
+compared with every centroid by a dot product, and the centroids follow the
+data with an exponential moving average (SPEC.md section 1; paper section 4.1).
+
+Shapes (SPEC.md alphabet): points (B, H, T, D), centroids ``means`` (H, K, D).
+Everything is batched over heads: head h of the points only meets head h's
+centroids.
+
+The k-means state is a plain dict passed in and returned, never changed in place::
+
+    state = {"means":  (H, K, D) centroids,
+             "counts": (H, K)    EMA of how many points each cluster received,
+             "sums":   (H, K, D) EMA of the sum of those points}
+
+A training step is two calls: :func:`cluster_stats` during the forward pass
+(which points went where), then :func:`update_state` after it.  The update is
+never differentiated: the centroids receive no gradient.
+
+Hot loops have a Numba fast path (:mod:`rt_numpy.kernels.numba_kmeans`),
+chosen with ``impl`` (see :mod:`rt_numpy.backend`); the code in this file is the
+reference that the kernels are tested against.
+"""
+from __future__ import annotations
+
+import numbers
+
+import autograd.numpy as anp
+import numpy as np
+from autograd.tracer import getval
+
+from rt_numpy import backend
+
+NORMS = ("ln", "l2")
+INITS = ("normal", "data")
+UPDATES = ("ema", "spherical", "paper")
+COMBINES = ("sum", "mean")
+LN_EPS = 1e-6  # inside the square root of the parameter-free layer norm (official code)
+L2_EPS = 1e-12  # smallest norm divided by (PyTorch port)
+
+
+# --------------------------------------------------------------------------- checks
+def _choice(name, value, options):
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def _check_int(name, value, low, high=None, what=""):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}{what}, got {value}")
+    return int(value)
+
+
+def _check_float_array(name, x, ndim):
+    """A finite float32/float64 array with ``ndim`` axes (autograd boxes are looked through)."""
+    x = getval(x)
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} axes, got shape {tuple(x.shape)}")
+    xp = backend.get_array_module(x)
+    if not bool(xp.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinity")
+    return x
+
+
+def _check_means(means):
+    return _check_float_array("means", means, 3)  # (H, K, D)
+
+
+def _check_points(points, means, name="points"):
+    """Points as a tuple of streams (queries, keys, ...), each (B, H, T, D), checked against means."""
+    streams = tuple(points) if isinstance(points, (list, tuple)) else (points,)
+    if not streams:
+        raise ValueError(f"{name} must hold at least one array, got an empty {type(points).__name__}")
+    H, K, D = getval(means).shape
+    shape = None
+    for i, x in enumerate(streams):
+        label = name if len(streams) == 1 else f"{name}[{i}]"
+        x = _check_float_array(label, x, 4)
+        if x.dtype != getval(means).dtype:
+            raise TypeError(f"{label} has dtype {x.dtype} but means has dtype {getval(means).dtype}")
+        if x.shape[1] != H or x.shape[3] != D:
+            raise ValueError(
+                f"{label} of shape {tuple(x.shape)} does not fit means of shape {(H, K, D)}: "
+                f"expected (B, {H}, T, {D})")
+        if 0 in x.shape:
+            raise ValueError(f"{label} must not be empty, got shape {tuple(x.shape)}")
+        if shape is not None and x.shape != shape:
+            raise ValueError(f"all streams of {name} must share one shape, got {shape} and {tuple(x.shape)}")
+        shape = x.shape
+    return streams
+
+
+def check_state(state):
+    """Validate a k-means state dict; returns ``(H, K, D)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Missing keys, wrong shapes or dtypes, non-finite values or negative counts.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict with keys means, counts, sums; got {type(state).__name__}")
+    missing = {"means", "counts", "sums"} - set(state)
+    if missing:
+        raise ValueError(f"state is missing keys {sorted(missing)}")
+    means = _check_float_array("state['means']", state["means"], 3)
+    counts = _check_float_array("state['counts']", state["counts"], 2)
+    sums = _check_float_array("state['sums']", state["sums"], 3)
+    if counts.shape != means.shape[:2] or sums.shape != means.shape:
+        raise ValueError(
+            f"state shapes disagree: means {tuple(means.shape)}, counts {tuple(counts.shape)} "
+            f"(expected {tuple(means.shape[:2])}), sums {tuple(sums.shape)}")
+    if counts.dtype != means.dtype or sums.dtype != means.dtype:
+        raise TypeError(f"state arrays must share one dtype, got means {means.dtype}, "
+                        f"counts {counts.dtype}, sums {sums.dtype}")
+    if bool((counts < 0).any()):
+        raise ValueError("state['counts'] must not be negative")
+    return means.shape
+
+
+# --------------------------------------------------------------------- normalisation
+def normalize(x, norm="ln"):
+    """Normalise vectors for routing, over the last axis.
+
+    Parameters
+    ----------
+    x : array, shape (..., D)
+    norm : {"ln", "l2"}
+        ``"ln"``: parameter-free layer norm ``(x - mean) / sqrt(var + 1e-6)``
+        (population variance), each vector gets norm about sqrt(D); the
+        official code.  ``"l2"``: unit vectors ``x / max(|x|, 1e-12)``; the
+        PyTorch port.
+
+    Returns
+    -------
+    array, shape (..., D)
+
+    Notes
+    -----
+    SPEC.md section 1 item 1.  Differentiable with autograd (the commitment loss
+    sends its gradient through it).
+    """
+    _choice("norm", norm, NORMS)
+    if norm == "ln":
+        mean = anp.mean(x, axis=-1, keepdims=True)  # (..., 1)
+        var = anp.mean((x - mean) ** 2, axis=-1, keepdims=True)  # (..., 1)
+        return (x - mean) / anp.sqrt(var + LN_EPS)
+    length = anp.sqrt(anp.sum(x * x, axis=-1, keepdims=True))  # (..., 1)
+    return x / anp.maximum(length, L2_EPS)
+
+
+# ------------------------------------------------------------------ initialisation
+def state_from_means(means):
+    """A fresh state around given centroids: zero counts, sums equal to the means.
+
+    The running sums start at the centroids (no bias correction), as in the
+    official code and VQ-VAE (SPEC.md section 1 item 6).
+    """
+    _check_means(means)
+    xp = backend.get_array_module(means)
+    return {"means": means.copy(), "counts": xp.zeros(means.shape[:2], means.dtype), "sums": means.copy()}
+
+
+def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None, norm="ln",
+               lloyd_iters=10, dtype=np.float32, impl="auto"):
+    """Initial k-means state for ``num_heads`` heads of ``num_clusters`` centroids.
+
+    Parameters
+    ----------
+    num_heads, num_clusters, dim : int
+        H, K and D.
+    rng : numpy.random.Generator
+        The only source of randomness.
+    init : {"normal", "data"}
+        ``"normal"`` (official): normalised standard normal draws.  ``"data"``:
+        K of the given points, the same token indices for every head, then
+        ``lloyd_iters`` Lloyd iterations (assign to the nearest centroid, new
+        centroid = normalised sum of its points; an empty cluster keeps its value).
+    points : array (B, H, T, D), optional
+        Normalised points, required for ``init="data"``; B * T must be >= K.
+    norm : {"ln", "l2"}
+        Normalisation of the centroids (use the same one as for the points).
+    lloyd_iters : int
+        Lloyd iterations after picking data points.
+    dtype : float32 or float64
+    impl : {"auto", "ref", "numba"}
+        Implementation of the Lloyd assignments.
+
+    Returns
+    -------
+    dict
+        ``{"means": (H, K, D), "counts": (H, K), "sums": (H, K, D)}``.
+
+    Notes
+    -----
+    SPEC.md section 1 item 7.  Unlike the PyTorch port, the data-based start picks
+    and averages *normalised* points, so the centroids live where the points do.
+    """
+    H = _check_int("num_heads", num_heads, 1)
+    K = _check_int("num_clusters", num_clusters, 1)
+    D = _check_int("dim", dim, 1)
+    _choice("init", init, INITS)
+    _choice("norm", norm, NORMS)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if np.dtype(dtype) not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+    if init == "normal":
+        if points is not None:
+            raise ValueError("points are only used with init='data'; got points with init='normal'")
+        means = normalize(rng.standard_normal((H, K, D)), norm).astype(dtype)  # (H, K, D)
+        return state_from_means(means)
+
+    lloyd_iters = _check_int("lloyd_iters", lloyd_iters, 0)
+    if points is None:
+        raise ValueError("init='data' needs points of shape (B, H, T, D)")
+    x = _check_float_array("points", points, 4)
+    if x.shape[1] != H or x.shape[3] != D:
+        raise ValueError(f"points of shape {tuple(x.shape)} do not fit num_heads={H}, dim={D}")
+    if x.dtype != np.dtype(dtype):
+        raise TypeError(f"points have dtype {x.dtype} but dtype={np.dtype(dtype)} was asked for")
+    B, _, T, _ = x.shape
+    if K > B * T:
+        raise ValueError(f"num_clusters={K} is larger than the number of points B*T={B * T}")
+    flat = x.transpose(1, 0, 2, 3).reshape(H, B * T, D)  # (B, H, T, D) -> (H, B*T, D)
+    picks = rng.choice(B * T, size=K, replace=False)  # the same tokens for every head
+    means = flat[:, picks].copy()  # (H, K, D)
+    for _ in range(lloyd_iters):
+        stats = cluster_stats(x, means, impl=impl)
+        sums, counts = stats["sums"][0], stats["counts"][0]  # (H, K, D), (H, K)
+        means = np.where(counts[..., None] > 0, normalize(sums, norm), means).astype(dtype)
+    return state_from_means(means)
+
+
+# -------------------------------------------------------------- assignment, membership
+def similarities(points, means):
+    """Dot products of every point with every centroid of its head.
+
+    points (B, H, T, D), means (H, K, D) -> (B, H, T, K).  Larger is closer.
+    SPEC.md section 1 item 2.
+    """
+    return points @ means.swapaxes(-1, -2)[None]  # (B, H, T, D) @ (1, H, D, K) -> (B, H, T, K)
+
+
+def nearest(points, means, *, impl="auto"):
+    """Index of the nearest centroid of every point (argmax of the dot product).
+
+    points (B, H, T, D), means (H, K, D) -> (B, H, T) int64.  Ties go to the
+    lower cluster index.  SPEC.md section 1 item 6.
+    """
+    return cluster_stats(points, means, impl=impl)["assignments"][0]
+
+
+def cluster_stats(points, means, *, impl="auto"):
+    """Where each point goes, and the per-cluster statistics of one forward pass.
+
+    Parameters
+    ----------
+    points : array (B, H, T, D), or a list of them (one per stream: queries, keys)
+        Normalised points.
+    means : array (H, K, D)
+        Centroids as they are at the start of the step.
+    impl : {"auto", "ref", "numba"}
+
+    Returns
+    -------
+    dict
+        ``assignments`` (S, B, H, T) int64, the nearest centroid of each point;
+        ``sums`` (S, H, K, D), the sum of the points assigned to each cluster
+        (over batch and positions); ``counts`` (S, H, K) int64, how many.
+        S is the number of streams.
+
+    Notes
+    -----
+    SPEC.md section 1 item 6.  The reference builds the (B, H, T, K) similarity
+    matrix; the Numba path never does (it works a tile of points at a time).
+    """
+    means = _check_means(means)
+    streams = [getval(x) for x in _check_points(points, means)]
+    xp = backend.get_array_module(means, *streams)
+    impl = backend.resolve_impl(impl, xp)
+    results = [_stats_numba(x, means) if impl == "numba" else _stats_reference(x, means) for x in streams]
+    return {
+        "assignments": xp.stack([r[0] for r in results]),  # S x (B, H, T) -> (S, B, H, T)
+        "sums": xp.stack([r[1] for r in results]),  # S x (H, K, D) -> (S, H, K, D)
+        "counts": xp.stack([r[2] for r in results]),  # S x (H, K) -> (S, H, K)
+    }
+
+
+def _stats_reference(x, means):
+    H, K, D = means.shape
+    assignments = np.argmax(similarities(x, means), axis=-1)  # (B, H, T, K) -> (B, H, T)
+    heads = np.arange(H)[None, :, None]  # (1, H, 1), pairs each point with its head
+    sums = np.zeros((H, K, D), x.dtype)
+    np.add.at(sums, (heads, assignments), x)  # sums[h, a[b, h, t]] += x[b, h, t], in (b, t) order
+    counts = np.zeros((H, K), np.int64)
+    np.add.at(counts, (heads, assignments), 1)
+    return assignments, sums, counts
+
+
+def _stats_numba(x, means):
+    from rt_numpy.kernels import numba_kmeans
+
+    return numba_kmeans.assign_and_stats(np.ascontiguousarray(x), np.ascontiguousarray(means))
+
+
+def cluster_scores(points, means):
+    """Similarities laid out one row per cluster: (B, H, T, D), (H, K, D) -> (B, H, K, T).
+
+    The same numbers as :func:`similarities`, transposed; row ``c`` holds every
+    position's score for centroid ``c``, which is what balanced membership ranks.
+    """
+    return means[None] @ points.swapaxes(-1, -2)  # (1, H, K, D) @ (B, H, D, T) -> (B, H, K, T)
+
+
+def balanced_membership(points, means, window_size, *, impl="auto"):
+    """The ``window_size`` points most similar to each centroid, sorted by position.
+
+    Parameters
+    ----------
+    points : array (B, H, T, D)
+        Normalised queries (or keys).
+    means : array (H, K, D)
+    window_size : int
+        W, members per cluster, 1 <= W <= T.
+    impl : {"auto", "ref", "numba"}
+
+    Returns
+    -------
+    array (B, H, K, W) int64
+        Positions, increasing along the last axis.  Every cluster has exactly W
+        members; a position may be in several clusters or in none.  Ties in
+        similarity go to the lower position.
+
+    Notes
+    -----
+    SPEC.md section 1 item 3 (``membership="balanced"``).  Taken over the whole
+    sequence, so it is not causal: see SPEC.md section 3.
+    """
+    means = _check_means(means)
+    (x,) = _check_points(points, means)
+    x = getval(x)
+    W = _check_int("window_size", window_size, 1, x.shape[2], what=f" (T={x.shape[2]})")
+    xp = backend.get_array_module(means, x)
+    impl = backend.resolve_impl(impl, xp)
+    scores = cluster_scores(x, means)  # (B, H, K, T)
+    if impl == "numba":
+        from rt_numpy.kernels import numba_kmeans
+
+        return numba_kmeans.top_w_positions(scores, W)
+    return top_w_reference(scores, W)
+
+
+def top_w_reference(scores, window_size):
+    """Reference top-W: scores (B, H, K, T) -> positions (B, H, K, W), ascending.
+
+    A stable sort of the negated scores puts equal scores in position order, so
+    ties go to the lower position.
+    """
+    order = np.argsort(-scores, axis=-1, kind="stable")  # (B, H, K, T), best first
+    return np.sort(order[..., :window_size], axis=-1)  # (B, H, K, W), by position
+
+
+# ------------------------------------------------------------------------- updates
+def update_state(state, stats, *, update="ema", decay=0.999, eps=1e-5, norm="ln"):
+    """Move the centroids towards the points they received; returns a new state.
+
+    Parameters
+    ----------
+    state : dict
+        ``means`` (H, K, D), ``counts`` (H, K), ``sums`` (H, K, D); not modified.
+    stats : dict
+        From :func:`cluster_stats`: ``sums`` (S, H, K, D), ``counts`` (S, H, K).
+    update : {"ema", "spherical", "paper"}
+        ``"ema"`` (default, official, VQ-VAE style): per stream, in order
+        (queries first, then keys),
+        ``n <- decay n + (1 - decay) N``, ``s <- decay s + (1 - decay) S``;
+        then ``mean = s / n~`` with the Laplace-smoothed count
+        ``n~_c = (n_c + eps) / (sum(n) + K eps) * sum(n)``.  The stored counts
+        stay unsmoothed.  ``"spherical"`` (PyTorch port): streams pooled, target
+        ``normalize(sum)``, ``mean <- decay mean + (1 - decay) target``, empty
+        clusters keep their mean.  ``"paper"``: the paper's mean-free formula
+        ``mean <- decay mean + (1 - decay) / S * sum over streams of S``.
+        ``"spherical"`` and ``"paper"`` leave ``counts`` and ``sums`` as they are.
+    decay : float
+        lambda, the EMA decay, in [0, 1).
+    eps : float
+        Laplace smoothing of the counts (``"ema"`` only), > 0.
+    norm : {"ln", "l2"}
+        Normalisation of the ``"spherical"`` target.
+
+    Returns
+    -------
+    dict
+        The new state (new arrays; the input state is left unchanged).
+
+    Notes
+    -----
+    SPEC.md section 1 item 6; paper section 4.1 (the mean-free form).
+    Under ``"ema"`` a cluster that has never received a point has a smoothed
+    count near ``eps``, so its mean ``s / n~`` becomes very large: this is the
+    official behaviour, and it is what pulls points into empty clusters.
+    """
+    _choice("update", update, UPDATES)
+    _choice("norm", norm, NORMS)
+    H, K, D = check_state(state)
+    if not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if not isinstance(stats, dict) or "sums" not in stats or "counts" not in stats:
+        raise ValueError("stats must be the dict returned by cluster_stats (keys sums, counts)")
+    sums, counts = stats["sums"], stats["counts"]
+    if sums.ndim != 4 or sums.shape[1:] != (H, K, D) or counts.shape != sums.shape[:3]:
+        raise ValueError(f"stats of shapes sums {tuple(sums.shape)}, counts {tuple(counts.shape)} "
+                         f"do not fit a state with (H, K, D) = {(H, K, D)}")
+    means = state["means"]
+    dt = means.dtype
+    if update == "ema":
+        n, s = state["counts"], state["sums"]
+        for stream in range(sums.shape[0]):  # queries, then keys
+            n = decay * n + (1 - decay) * counts[stream].astype(dt)  # (H, K)
+            s = decay * s + (1 - decay) * sums[stream].astype(dt)  # (H, K, D)
+        total = n.sum(axis=-1, keepdims=True)  # (H, 1)
+        smoothed = (n + eps) / (total + K * eps) * total  # (H, K), only to divide by
+        new_means = s / smoothed[..., None]  # (H, K, D)
+        return {"means": new_means.astype(dt), "counts": n.astype(dt), "sums": s.astype(dt)}
+    if update == "spherical":
+        pooled = sums.sum(axis=0)  # (S, H, K, D) -> (H, K, D)
+        received = counts.sum(axis=0)[..., None] > 0  # (H, K, 1)
+        target = normalize(pooled, norm)
+        new_means = np.where(received, decay * means + (1 - decay) * target, means)
+    else:  # "paper"
+        new_means = decay * means + (1 - decay) / sums.shape[0] * sums.sum(axis=0)
+    return {"means": new_means.astype(dt), "counts": state["counts"].copy(), "sums": state["sums"].copy()}
+
+
+def kmeans_step(state, points, *, update="ema", decay=0.999, eps=1e-5, norm="ln", impl="auto"):
+    """One online k-means step: statistics of ``points``, then :func:`update_state`.
+
+    ``points`` are normalised, one array (B, H, T, D) or a list of streams.
+    Returns ``(new_state, stats)``.
+    """
+    means = state["means"] if isinstance(state, dict) and "means" in state else None
+    check_state(state)
+    stats = cluster_stats(points, means, impl=impl)
+    return update_state(state, stats, update=update, decay=decay, eps=eps, norm=norm), stats
+
+
+# ------------------------------------------------------------------ commitment loss
+def commitment_loss(points, means, *, commitment=1e-4, combine="sum"):
+    """beta times the mean squared distance of each point to its nearest centroid.
+
+    Parameters
+    ----------
+    points : array (B, H, T, D), or a list of them (streams: queries, keys)
+        Normalised points; may be autograd boxes (the gradient flows into them).
+    means : array (H, K, D)
+        Centroids; used through a stop-gradient, so they get no gradient.
+    commitment : float
+        beta, 1e-4 by default.
+    combine : {"sum", "mean"}
+        How streams add up.  ``"sum"`` (official): ``e_q + e_k``; with shared QK
+        the official code passes the queries twice, i.e. ``2 e_q``.
+        ``"mean"`` (PyTorch port): one mean over all streams, ``(e_q + e_k) / 2``.
+
+    Returns
+    -------
+    scalar
+        ``commitment * combine_s(mean over elements of (x_s - mu_{a(x_s)})^2)``.
+
+    Notes
+    -----
+    SPEC.md section 1 item 8: the mean is over N * D numbers, not a mean of
+    squared norms (which would be D times larger).
+    """
+    _choice("combine", combine, COMBINES)
+    if not isinstance(commitment, numbers.Real) or not commitment >= 0:
+        raise ValueError(f"commitment must be a non-negative number, got {commitment!r}")
+    mu = _check_means(getval(means))  # stop-gradient: no gradient reaches the centroids
+    streams = _check_points(points, mu)
+    H = mu.shape[0]
+    heads = np.arange(H)[None, :, None]  # (1, H, 1)
+    errors = []
+    for x in streams:
+        a = nearest(getval(x), mu, impl="ref")  # (B, H, T)
+        target = mu[heads, a]  # (H, K, D) gathered -> (B, H, T, D)
+        errors.append(anp.mean((x - target) ** 2))
+    total = errors[0]
+    for e in errors[1:]:
+        total = total + e
+    if combine == "mean":
+        total = total / len(errors)
+    return commitment * total
