@@ -1,0 +1,89 @@
+"""Shared helpers for the bench/ scripts: timing, machine description, tables, JSON records.
+
+Every bench script prints a table and, with ``--json PATH``, writes a list of
+records ``{"impl", "case", "metric", "value", "unit"}`` (see README.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def median_ms(fn, repeats, warmup=2):
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def matmul_peak_gflops(repeats=7, n=2048):
+    """This machine's float32 matrix-product speed (GFLOP/s), measured now with NumPy's BLAS."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    ms = median_ms(lambda: a @ b, repeats)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line():
+    """One line naming the machine, the libraries and the thread pools."""
+    parts = [f"{cpu_name()}, {os.cpu_count()} cores", f"Python {platform.python_version()}",
+             f"numpy {np.__version__}"]
+    try:
+        import numba
+
+        parts.append(f"numba {numba.__version__}")
+    except ImportError:
+        parts.append("no numba")
+    try:
+        from threadpoolctl import threadpool_info
+
+        pools = {f"{p['internal_api']}:{p['num_threads']}" for p in threadpool_info()}
+        parts.append("threads " + ",".join(sorted(pools)))
+    except ImportError:
+        pass
+    env = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
+    if env:
+        parts.append(" ".join(env))
+    return "; ".join(parts)
+
+
+def print_table(headers, rows):
+    """Print rows (lists of strings) under headers as a Markdown table."""
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
+    print(fmt.format(*headers))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(fmt.format(*r))
+
+
+def record(records, impl, case, metric, value, unit):
+    records.append({"impl": impl, "case": dict(case), "metric": metric, "value": float(value), "unit": unit})
+
+
+def write_json(path, records, machine):
+    if path:
+        with open(path, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {len(records)} records to {path} ({machine})")

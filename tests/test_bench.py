@@ -1,0 +1,27 @@
+"""The bench scripts run (tiny sizes) and write well-formed records.  No timings are asserted."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+IMPLS = {"rt_numpy-ref", "rt_numpy-numba", "rt_numpy-cupy", "sklearn", "routing_transformer", "torch-sdpa", "numpy"}
+
+
+@pytest.mark.parametrize("script", ["kmeans.py"])
+def test_bench_quick_writes_records(script, tmp_path):
+    out = tmp_path / "records.json"
+    result = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| case" in result.stdout  # the table was printed
+    records = json.loads(out.read_text())
+    assert isinstance(records, list) and records
+    for r in records:
+        assert set(r) == {"impl", "case", "metric", "value", "unit"}
+        assert r["impl"] in IMPLS
+        assert isinstance(r["case"], dict) and r["case"]
+        assert isinstance(r["value"], float) and r["value"] > 0
+    assert {"rt_numpy-ref", "rt_numpy-numba"} <= {r["impl"] for r in records}
