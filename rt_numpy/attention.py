@@ -1,0 +1,416 @@
+"""The three attentions of the Routing Transformer: dense causal, local, routing.
+
+* :func:`dense_causal_attention` - every query sees every earlier key.  O(T^2 D).
+  The reference the other two are checked against.
+* :func:`local_attention` - blocks of L tokens; each block sees itself and the
+  ``look_back`` blocks before it, causally.  O(T L D).
+* :func:`routing_attention` - queries and keys are routed to shared centroids
+  (online k-means, :mod:`rt_numpy.kmeans`); each query attends causally to the
+  keys of its clusters.  O(T W D) plus O(T K D) for routing, O(T^1.5 D) with
+  K = W = sqrt(T).
+* :func:`multihead_attention` - routing heads and local heads side by side,
+  concatenated and projected.
+
+Shapes: q, k, v (B, H, T, D); centroids (H, K, D); windows (B, H, K, W).
+All differentiable code goes through :mod:`rt_numpy.ops` primitives, so the same
+functions run on CuPy arrays (DESIGN.md, "Differentiation").  Integer routing
+decisions (windows, assignments) are constants: no gradient flows through them.
+
+SPEC.md sections 1, 2 and 4; paper sections 3 and 4.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+from autograd.extend import defvjp_argnums, primitive
+from autograd.tracer import getval
+
+from rt_numpy import backend, kmeans, ops
+
+SELF_ATTEND = ("allow", "last_resort")
+LOGITS = ("normalized", "scaled")
+MEMBERSHIP = ("balanced", "nearest")
+SELF_LOGIT = -5e4  # the "last resort" self logit of the PyTorch port and Reformer (SPEC.md 1.4)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_qkv(q, k, v):
+    """q, k, v: finite float arrays of one shape (B, H, T, D) and one dtype."""
+    shape = dtype = None
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        x = getval(x)
+        if not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+        if x.ndim != 4 or 0 in x.shape:
+            raise ValueError(f"{name} must have shape (B, H, T, D) with no empty axis, got {tuple(x.shape)}")
+        if shape is not None and (x.shape != shape or x.dtype != dtype):
+            raise ValueError(f"q, k and v must share shape and dtype: q is {shape} {dtype}, "
+                             f"{name} is {tuple(x.shape)} {x.dtype}")
+        if not bool(backend.get_array_module(x).isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or infinity")
+        shape, dtype = x.shape, x.dtype
+    return shape
+
+
+def _choice(name, value, options):
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _self_rule(logits, query_pos, key_pos, self_attend):
+    """Apply the self-token rule: ``last_resort`` gives the self logit -5e4."""
+    if self_attend == "allow":
+        return logits
+    return ops.masked_fill(logits, key_pos == query_pos, SELF_LOGIT)
+
+
+# --------------------------------------------------------------------------- dense
+def dense_causal_attention(q, k, v, *, scale=None, self_attend="allow"):
+    """Causal softmax attention over the whole sequence.
+
+    Parameters
+    ----------
+    q, k, v : array (B, H, T, D)
+    scale : float, optional
+        Logit factor, ``1 / sqrt(D)`` by default (1.0 reproduces routing's
+        ``logits="normalized"`` on normalised q and k).
+    self_attend : {"allow", "last_resort"}
+        ``"last_resort"``: the self logit is -5e4, so a token sees itself only
+        when nothing else is visible (position 0).
+
+    Returns
+    -------
+    array (B, H, T, D)
+    """
+    B, H, T, D = _check_qkv(q, k, v)
+    _choice("self_attend", self_attend, SELF_ATTEND)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    xp = backend.get_array_module(getval(q))
+    pos = xp.arange(T)
+    logits = ops.scale(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), scale)  # (B,H,T,D) @ (B,H,D,T) -> (B,H,T,T)
+    logits = _self_rule(logits, pos[:, None], pos[None, :], self_attend)
+    probs = ops.softmax(logits, mask=pos[None, :] <= pos[:, None])  # (B, H, T, T), causal
+    return ops.matmul(probs, v)  # (B, H, T, T) @ (B, H, T, D) -> (B, H, T, D)
+
+
+# --------------------------------------------------------------------------- local
+def local_attention(q, k, v, *, block_size, look_back=1, scale=None, self_attend="allow"):
+    """Blocked causal attention: block n sees blocks n - look_back .. n.
+
+    Parameters
+    ----------
+    q, k, v : array (B, H, T, D)
+        T must be a multiple of ``block_size`` (refused otherwise: pad the
+        sequence yourself, so that nothing happens silently).
+    block_size : int
+        L, tokens per block.
+    look_back : int
+        Previous blocks each block also sees (>= 0).
+    scale : float, optional
+        Logit factor, ``1 / sqrt(D)`` by default.
+    self_attend : {"allow", "last_resort"}
+
+    Returns
+    -------
+    array (B, H, T, D)
+
+    Notes
+    -----
+    SPEC.md section 2.  Keys before position 0 (the look-back of the first
+    blocks) are zero padding and masked out.
+    """
+    B, H, T, D = _check_qkv(q, k, v)
+    L = _positive_int("block_size", block_size)
+    if isinstance(look_back, bool) or not isinstance(look_back, numbers.Integral) or look_back < 0:
+        raise ValueError(f"look_back must be an integer >= 0, got {look_back!r}")
+    if T % L:
+        raise ValueError(f"T={T} is not a multiple of block_size={L}")
+    _choice("self_attend", self_attend, SELF_ATTEND)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    xp = backend.get_array_module(getval(q))
+    N, S = T // L, look_back + 1  # blocks; blocks seen by each block
+
+    def blocks(x):
+        return ops.reshape(x, (B, H, N, L, D))  # (B, H, T, D) -> (B, H, N, L, D)
+
+    def with_look_back(x):
+        padded = ops.pad_axis(blocks(x), look_back, 0, axis=2)  # (B, H, look_back + N, L, D)
+        parts = [ops.slice_axis(padded, s, s + N, axis=2) for s in range(S)]  # S x (B, H, N, L, D)
+        return ops.concatenate(parts, axis=3)  # (B, H, N, S*L, D), oldest block first
+
+    qb, kb, vb = blocks(q), with_look_back(k), with_look_back(v)
+    query_pos = (xp.arange(N)[:, None] * L + xp.arange(L)[None, :])[:, :, None]  # (N, L, 1)
+    key_pos = ((xp.arange(N)[:, None] - look_back) * L + xp.arange(S * L)[None, :])[:, None, :]  # (N, 1, S*L)
+    visible = (key_pos >= 0) & (key_pos <= query_pos)  # (N, L, S*L): no padding, causal
+    logits = ops.scale(ops.matmul(qb, ops.transpose(kb, (0, 1, 2, 4, 3))), scale)  # (B,H,N,L,S*L)
+    logits = _self_rule(logits, query_pos, key_pos, self_attend)
+    probs = ops.softmax(logits, mask=visible)
+    out = ops.matmul(probs, vb)  # (B, H, N, L, S*L) @ (B, H, N, S*L, D) -> (B, H, N, L, D)
+    return ops.reshape(out, (B, H, T, D))
+
+
+# --------------------------------------------------------------------------- routing
+def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm="ln", logits="normalized",
+                      membership="balanced", self_attend="allow", eps=1e-2, commitment=1e-4,
+                      combine="sum", mem_kv=None, impl="auto"):
+    """Routing attention for H heads: route, attend inside clusters, average back.
+
+    Parameters
+    ----------
+    q, k, v : array (B, H, T, D)
+        With ``shared_qk=True`` the keys are the queries and ``k`` is ignored
+        (pass ``q`` or None).
+    means : array (H, K, D)
+        Centroids; a constant here (updated outside, from the returned stats).
+    window_size : int
+        W, members per cluster (``membership="balanced"``), 1 <= W <= T.
+    shared_qk : bool
+        Keys are the queries (every released LM config).
+    norm : {"ln", "l2"}
+        Routing normalisation (SPEC 1.1).
+    logits : {"normalized", "scaled"}
+        ``"normalized"`` (official): normalised q against normalised k, no
+        ``1/sqrt(D)``.  ``"scaled"`` (PyTorch port): raw q against keys, divided
+        by ``sqrt(D)``; with shared QK the keys are L2-normalised queries.
+    membership : {"balanced", "nearest"}
+        ``"balanced"``: each cluster takes its W most similar tokens (not causal,
+        SPEC section 3).  ``"nearest"``: each token joins its nearest centroid
+        only (strictly causal); ``window_size`` is not used.
+    self_attend : {"allow", "last_resort"}
+        Official: a token may attend to itself.  Port: only when nothing else
+        is visible (self logit -5e4).
+    eps : float
+        Added to the per-token cluster count in the scatter-mean (official
+        1e-2, port 1e-5).
+    commitment : float
+        beta of the commitment loss.
+    combine : {"sum", "mean"}
+        How query and key commitment errors add up (SPEC 1.8).  With shared QK,
+        ``"sum"`` counts the queries twice, as the official code does.
+    mem_kv : tuple (mem_k, mem_v) of arrays (H, K, D), optional
+        One learned memory key/value per head and cluster, prepended to every
+        key window and always visible (the port's separate-QK causal setup).
+    impl : {"auto", "ref", "numba"}
+        ``"numba"``: fused forward/backward kernels for the attention inside the
+        clusters (balanced membership, no ``mem_kv``); ``"auto"`` uses them when
+        they apply.
+
+    Returns
+    -------
+    out : array (B, H, T, D)
+    loss : scalar
+        The commitment loss (differentiable in q and k, not in the centroids).
+    stats : dict
+        :func:`rt_numpy.kmeans.cluster_stats` of the normalised queries (and
+        keys): pass it to :func:`rt_numpy.kmeans.update_state` after the step.
+
+    Notes
+    -----
+    SPEC.md section 1 items 1-5 and 8.  Masked logits are treated as -inf
+    (:func:`rt_numpy.ops.softmax`); a query with no visible key outputs 0.
+    A token in no cluster gets 0 from a routing head.  No padding: every
+    position is a real token.
+    """
+    if shared_qk:
+        k = q
+    B, H, T, D = _check_qkv(q, k, v)
+    _choice("norm", norm, kmeans.NORMS)
+    _choice("logits", logits, LOGITS)
+    _choice("membership", membership, MEMBERSHIP)
+    _choice("self_attend", self_attend, SELF_ATTEND)
+    _choice("combine", combine, kmeans.COMBINES)
+    if not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    mu = kmeans._check_means(getval(means))
+    if mu.shape[0] != H or mu.shape[2] != D or mu.dtype != getval(q).dtype:
+        raise ValueError(f"means of shape {tuple(mu.shape)} and dtype {mu.dtype} do not fit q of shape "
+                         f"{(B, H, T, D)} and dtype {getval(q).dtype}: expected ({H}, K, {D})")
+    K = mu.shape[1]
+    if membership == "balanced":
+        if window_size is None:
+            raise ValueError("membership='balanced' needs window_size (W), got None")
+        W = _positive_int("window_size", window_size)
+        if W > T:
+            raise ValueError(f"window_size must be <= T={T}, got {W}")
+    if mem_kv is not None:
+        if shared_qk:
+            raise ValueError("mem_kv is the port's separate-QK option: use it with shared_qk=False")
+        for name, m in zip(("mem_k", "mem_v"), mem_kv):
+            if tuple(getval(m).shape) != (H, K, D):
+                raise ValueError(f"{name} must have shape {(H, K, D)}, got {tuple(getval(m).shape)}")
+
+    # 1. Normalise and route.  Routing decisions are integers: constants for autograd.
+    qn = kmeans.normalize(q, norm)  # (B, H, T, D)
+    kn = qn if shared_qk else kmeans.normalize(k, norm)
+    streams = [qn] if shared_qk else [qn, kn]
+    stats = kmeans.cluster_stats([getval(x) for x in streams], mu, impl="ref" if impl == "ref" else "auto")
+
+    # 2. Commitment loss, from the start-of-step assignments.
+    errors = [_commitment_error(x, mu, a) for x, a in zip(streams, stats["assignments"])]
+    if shared_qk and combine == "sum":
+        errors = errors * 2  # the official code adds e_q + e_k with k = q
+    loss = errors[0]
+    for e in errors[1:]:
+        loss = ops.add(loss, e)
+    loss = ops.scale(loss, commitment / (len(errors) if combine == "mean" else 1))
+
+    # 3. The vectors the logits are made of.
+    if logits == "normalized":
+        q_logit, k_logit, logit_scale = qn, kn, 1.0
+    else:
+        q_logit, logit_scale = q, 1.0 / math.sqrt(D)
+        k_logit = ops.l2_normalize(q) if shared_qk else k
+
+    # 4. Attention inside the clusters, then the scatter-mean back to positions.
+    if membership == "nearest":
+        out = _nearest_attention(q_logit, k_logit, v, stats["assignments"], logit_scale, self_attend, eps)
+        return out, loss, stats
+    query_windows = kmeans.balanced_membership(getval(qn), mu, W, impl="ref" if impl == "ref" else "auto")
+    key_windows = query_windows if shared_qk else kmeans.balanced_membership(
+        getval(kn), mu, W, impl="ref" if impl == "ref" else "auto")  # (B, H, K, W)
+    xp = backend.get_array_module(getval(q))
+    run = backend.resolve_impl(impl, xp)
+    if run == "numba" and mem_kv is None:
+        out = cluster_attention_fused(q_logit, k_logit, v, query_windows, key_windows,
+                                      logit_scale, self_attend == "last_resort", eps)
+    else:
+        out = cluster_attention_reference(q_logit, k_logit, v, query_windows, key_windows,
+                                          scale=logit_scale, self_attend=self_attend, eps=eps, mem_kv=mem_kv)
+    return out, loss, stats
+
+
+def _commitment_error(x, mu, assignments):
+    """mean over elements of (x - stopgrad(mu[a(x)]))^2; x (B, H, T, D), assignments (B, H, T)."""
+    heads = np.arange(mu.shape[0])[None, :, None]  # (1, H, 1)
+    target = mu[heads, assignments]  # (H, K, D) -> (B, H, T, D), a constant
+    return ops.mean(ops.square(ops.subtract(x, target)))
+
+
+def gather_windows(x, windows):
+    """Rows of ``x`` (B, H, T, D) at ``windows`` (B, H, K, W) -> (B, H, K, W, D)."""
+    B, H, K, W = windows.shape
+    flat = ops.gather_rows(x, windows.reshape(B, H, K * W))  # (B, H, K*W, D)
+    return ops.reshape(flat, (B, H, K, W, x.shape[-1]))
+
+
+def cluster_attention_reference(q, k, v, query_windows, key_windows, *, scale, self_attend="allow",
+                                eps=1e-2, mem_kv=None):
+    """Causal attention inside each cluster window, then the scatter-mean.
+
+    Parameters
+    ----------
+    q, k, v : array (B, H, T, D)
+        The vectors that make the logits (already normalised or not) and values.
+    query_windows, key_windows : int arrays (B, H, K, W)
+        Positions of each cluster's queries and keys.
+    scale : float
+        Logit factor.
+    self_attend, eps, mem_kv
+        As in :func:`routing_attention`.
+
+    Returns
+    -------
+    array (B, H, T, D)
+        ``out[i] = sum over (c, r) with I_c[r] = i of O_c[r] / (count_i + eps)``.
+
+    Notes
+    -----
+    SPEC.md section 1 items 4-5.  The causal mask compares original positions.
+    """
+    B, H, T, D = getval(q).shape
+    K, W = query_windows.shape[2:]
+    xp = backend.get_array_module(getval(q))
+    qw, kw, vw = gather_windows(q, query_windows), gather_windows(k, key_windows), gather_windows(v, key_windows)
+    query_pos, key_pos = query_windows[..., :, None], key_windows[..., None, :]  # (B,H,K,W,1), (B,H,K,1,W)
+    logits = ops.scale(ops.matmul(qw, ops.transpose(kw, (0, 1, 2, 4, 3))), scale)  # (B,H,K,W,W)
+    logits = _self_rule(logits, query_pos, key_pos, self_attend)
+    visible = key_pos <= query_pos  # (B, H, K, W, W), causal by original positions
+    if mem_kv is not None:
+        mem_k, mem_v = mem_kv  # (H, K, D) each
+        mem_logit = ops.sum(ops.multiply(qw, ops.reshape(mem_k, (1, H, K, 1, D))), -1, True)  # (B,H,K,W,1)
+        logits = ops.concatenate([ops.scale(mem_logit, scale), logits], axis=-1)  # (B, H, K, W, 1+W)
+        visible = xp.concatenate([xp.ones((B, H, K, W, 1), bool), visible], axis=-1)
+        vw = ops.concatenate([ops.broadcast_to(ops.reshape(mem_v, (1, H, K, 1, D)), (B, H, K, 1, D)), vw],
+                             axis=3)  # (B, H, K, 1+W, D)
+    probs = ops.softmax(logits, mask=visible)  # rows with nothing visible are 0
+    outs = ops.matmul(probs, vw)  # (B, H, K, W, W') @ (B, H, K, W', D) -> (B, H, K, W, D)
+    flat = ops.reshape(outs, (B, H, K * W, D))
+    summed = ops.scatter_add_rows(flat, query_windows.reshape(B, H, K * W), T)  # (B, H, T, D)
+    counts = _window_counts(query_windows, T, xp)  # (B, H, T)
+    return ops.divide(summed, (counts + eps).astype(summed.dtype)[..., None])
+
+
+def _window_counts(windows, T, xp):
+    """How many windows each position is in: (B, H, K, W) -> (B, H, T) float."""
+    B, H = windows.shape[:2]
+    counts = xp.zeros((B * H, T))
+    flat = windows.reshape(B * H, -1)
+    xp.add.at(counts, (xp.arange(B * H)[:, None], flat), 1.0)
+    return counts.reshape(B, H, T)
+
+
+def _nearest_attention(q, k, v, assignments, scale, self_attend, eps):
+    """``membership="nearest"``: query i sees key j iff both chose the same centroid and j <= i.
+
+    Written as dense attention with a cluster mask: O(T^2) memory, chosen for
+    readability (the reference).  Each token is in exactly one cluster, so the
+    scatter-mean divides by 1 + eps.
+    """
+    T = getval(q).shape[2]
+    xp = backend.get_array_module(getval(q))
+    aq = assignments[0]  # (B, H, T)
+    ak = assignments[-1]  # the keys' assignments (the queries' with shared QK)
+    pos = xp.arange(T)
+    visible = (ak[..., None, :] == aq[..., :, None]) & (pos[None, :] <= pos[:, None])  # (B, H, T, T)
+    logits = ops.scale(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), scale)  # (B, H, T, T)
+    logits = _self_rule(logits, pos[:, None], pos[None, :], self_attend)
+    probs = ops.softmax(logits, mask=visible)
+    return ops.scale(ops.matmul(probs, v), 1.0 / (1.0 + eps))  # (B, H, T, D)
+
+
+# ------------------------------------------------------------ fused (Numba) cluster attention
+@primitive
+def cluster_attention_fused(q, k, v, query_windows, key_windows, scale, last_resort, eps):
+    """:func:`cluster_attention_reference` as one fused Numba kernel (no ``mem_kv``).
+
+    Same arguments and result as the reference (``last_resort`` is
+    ``self_attend == "last_resort"``).  Nothing of size (K, W, W) is kept for
+    the backward pass: the backward kernel recomputes each cluster's
+    probabilities, as FlashAttention does.  First-order gradients only.
+    """
+    from rt_numpy.kernels import numba_routing
+
+    return numba_routing.forward(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
+                                 np.ascontiguousarray(query_windows), np.ascontiguousarray(key_windows),
+                                 float(scale), bool(last_resort), float(eps))
+
+
+def _cluster_attention_fused_vjp(argnums, ans, args, kwargs):
+    """One backward kernel call gives the gradients of q, k and v together."""
+    from rt_numpy.kernels import numba_routing
+
+    q, k, v, query_windows, key_windows, scale, last_resort, eps = args
+
+    def vjp(g):
+        dq, dk, dv = numba_routing.backward(
+            np.ascontiguousarray(g), np.ascontiguousarray(q), np.ascontiguousarray(k),
+            np.ascontiguousarray(v), np.ascontiguousarray(query_windows),
+            np.ascontiguousarray(key_windows), float(scale), bool(last_resort), float(eps))
+        return tuple((dq, dk, dv)[i] for i in argnums)
+
+    return vjp
+
+
+defvjp_argnums(cluster_attention_fused, _cluster_attention_fused_vjp)
