@@ -380,6 +380,96 @@ def _nearest_attention(q, k, v, assignments, scale, self_attend, eps):
     return ops.scale(ops.matmul(probs, v), 1.0 / (1.0 + eps))  # (B, H, T, D)
 
 
+# --------------------------------------------------------------------------- multi-head
+def init_attention_params(width, *, shared_qk=True, rng, dtype=np.float32):
+    """Projection weights of one attention layer, as a dict (SPEC.md section 4).
+
+    ``w_q``, ``w_v``, ``w_o`` (and ``w_k`` without shared QK), each (C, C), drawn
+    from N(0, 0.02^2) as in GPT-2.  ``x @ w_q`` maps (B, T, C) to (B, T, C).
+    """
+    names = ["w_q", "w_v", "w_o"] if shared_qk else ["w_q", "w_k", "w_v", "w_o"]
+    return {name: (0.02 * rng.standard_normal((width, width))).astype(dtype) for name in names}
+
+
+def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_size=None, block_size,
+                        look_back=1, shared_qk=True, self_attend="allow", impl="auto", **routing):
+    """One attention layer: routing heads and local heads side by side, then the output projection.
+
+    Parameters
+    ----------
+    x : array (B, T, C)
+    params : dict
+        ``w_q``, ``w_v``, ``w_o`` and, without shared QK, ``w_k``; each (C, C).
+    means : array (n_route_heads, K, D) or None
+        Centroids of the routing heads (None when ``n_route_heads == 0``).
+    num_heads : int
+        H; C must be a multiple of H (D = C / H).
+    n_route_heads : int
+        The first ``n_route_heads`` heads route; the others attend locally.
+    window_size : int
+        W of the routing heads.
+    block_size, look_back : int
+        L and look-back of the local heads.
+    shared_qk, self_attend, impl
+        As in :func:`routing_attention`, for both kinds of heads.
+    **routing
+        Further options of :func:`routing_attention` (``norm``, ``logits``,
+        ``membership``, ``eps``, ``commitment``, ``combine``).
+
+    Returns
+    -------
+    y : array (B, T, C)
+    loss : scalar
+        The routing heads' commitment loss (0.0 without routing heads).
+    stats : dict or None
+        The routing heads' k-means statistics, for :func:`rt_numpy.kmeans.update_state`.
+
+    Notes
+    -----
+    SPEC.md section 4; paper section 4.2 (routing and local heads mixed).
+    """
+    xv = getval(x)
+    if getattr(xv, "ndim", None) != 3:
+        raise ValueError(f"x must have shape (B, T, C), got {getattr(xv, 'shape', type(xv).__name__)}")
+    B, T, C = xv.shape
+    H = _positive_int("num_heads", num_heads)
+    if C % H:
+        raise ValueError(f"width C={C} is not a multiple of num_heads={H}")
+    if isinstance(n_route_heads, bool) or not isinstance(n_route_heads, numbers.Integral) \
+            or not 0 <= n_route_heads <= H:
+        raise ValueError(f"n_route_heads must be an integer in [0, {H}], got {n_route_heads!r}")
+    needed = {"w_q", "w_v", "w_o"} | (set() if shared_qk else {"w_k"})
+    plain = getval(params)  # a DictBox while autograd traces
+    if not isinstance(plain, dict) or needed - set(plain):
+        got = sorted(plain) if isinstance(plain, dict) else type(plain).__name__
+        raise ValueError(f"params must hold {sorted(needed)}, got {got}")
+    for name in needed:
+        if tuple(getval(plain[name]).shape) != (C, C):
+            raise ValueError(f"params[{name!r}] must have shape {(C, C)}, got {tuple(getval(plain[name]).shape)}")
+    Hr = int(n_route_heads)
+    q = ops.split_heads(ops.matmul(x, params["w_q"]), H)  # (B, T, C) @ (C, C) -> (B, H, T, D)
+    k = q if shared_qk else ops.split_heads(ops.matmul(x, params["w_k"]), H)
+    v = ops.split_heads(ops.matmul(x, params["w_v"]), H)
+    parts, loss, stats = [], 0.0, None
+    if Hr:
+        def route_heads(t):
+            return ops.slice_axis(t, 0, Hr, axis=1)  # (B, H, T, D) -> (B, Hr, T, D)
+
+        out, loss, stats = routing_attention(route_heads(q), route_heads(k), route_heads(v), means,
+                                             window_size=window_size, shared_qk=shared_qk,
+                                             self_attend=self_attend, impl=impl, **routing)
+        parts.append(out)
+    if Hr < H:
+        def local_heads(t):
+            return ops.slice_axis(t, Hr, H, axis=1)  # (B, H, T, D) -> (B, H - Hr, T, D)
+
+        parts.append(local_attention(local_heads(q), local_heads(k), local_heads(v), block_size=block_size,
+                                     look_back=look_back, self_attend=self_attend))
+    out = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)  # (B, H, T, D)
+    y = ops.matmul(ops.merge_heads(out), params["w_o"])  # (B, T, C) @ (C, C) -> (B, T, C)
+    return y, loss, stats
+
+
 # ------------------------------------------------------------ fused (Numba) cluster attention
 @primitive
 def cluster_attention_fused(q, k, v, query_windows, key_windows, scale, last_resort, eps):
