@@ -137,15 +137,15 @@ def resolve_impl(impl: str = "auto", xp=np) -> str:
     """
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "numba" and not numba_available():
+        raise ImportError("impl='numba' needs numba: pip install numba")
+    if impl == "cupy" and not _module_available("cupy"):
+        raise ImportError("impl='cupy' needs cupy: pip install 'rt_numpy[gpu]'")
     on_gpu = xp is not np
     if impl == "numba" and on_gpu:
         raise ValueError("impl='numba' runs on NumPy arrays only, got CuPy arrays")
     if impl == "cupy" and not on_gpu:
         raise ValueError("impl='cupy' needs CuPy arrays, got NumPy arrays")
-    if impl == "numba" and not numba_available():
-        raise ImportError("impl='numba' needs numba: pip install numba")
-    if impl == "cupy" and not _module_available("cupy"):
-        raise ImportError("impl='cupy' needs cupy: pip install 'rt_numpy[gpu]'")
     if force_reference_active():
         return "ref"
     if impl == "auto":

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import numbers
 
-import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from rt_numpy import backend
+from rt_numpy import backend, ops
 
 NORMS = ("ln", "l2")
 INITS = ("normal", "data")
@@ -65,13 +64,18 @@ def _check_float_array(name, x, ndim):
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} axes, got shape {tuple(x.shape)}")
     xp = backend.get_array_module(x)
-    if not bool(xp.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinity")
+    finite = xp.isfinite(x)
+    if not bool(finite.all()):
+        where = tuple(int(i) for i in xp.argwhere(~finite)[0])  # the first bad entry, for the message
+        raise ValueError(f"{name} contains NaN or infinity: got {float(x[where])} at index {where}")
     return x
 
 
 def _check_means(means):
-    return _check_float_array("means", means, 3)  # (H, K, D)
+    means = _check_float_array("means", means, 3)  # (H, K, D)
+    if 0 in means.shape:  # K = 0 would make the Numba kernel index past its arrays
+        raise ValueError(f"means must not be empty, got shape {tuple(means.shape)}")
+    return means
 
 
 def _check_points(points, means, name="points"):
@@ -110,7 +114,7 @@ def check_state(state):
         raise TypeError(f"state must be a dict with keys means, counts, sums; got {type(state).__name__}")
     missing = {"means", "counts", "sums"} - set(state)
     if missing:
-        raise ValueError(f"state is missing keys {sorted(missing)}")
+        raise ValueError(f"state is missing keys {sorted(missing)}; got keys {list(state)}")
     means = _check_float_array("state['means']", state["means"], 3)
     counts = _check_float_array("state['counts']", state["counts"], 2)
     sums = _check_float_array("state['sums']", state["sums"], 3)
@@ -122,7 +126,7 @@ def check_state(state):
         raise TypeError(f"state arrays must share one dtype, got means {means.dtype}, "
                         f"counts {counts.dtype}, sums {sums.dtype}")
     if bool((counts < 0).any()):
-        raise ValueError("state['counts'] must not be negative")
+        raise ValueError(f"state['counts'] must not be negative, got minimum {float(counts.min())}")
     return means.shape
 
 
@@ -145,16 +149,14 @@ def normalize(x, norm="ln"):
 
     Notes
     -----
-    SPEC.md section 1 item 1.  Differentiable with autograd (the commitment loss
-    sends its gradient through it).
+    SPEC.md section 1 item 1.  Built from :mod:`rt_numpy.ops` primitives, so it is
+    differentiable (the commitment loss sends its gradient through it) and runs
+    on CuPy arrays.
     """
     _choice("norm", norm, NORMS)
     if norm == "ln":
-        mean = anp.mean(x, axis=-1, keepdims=True)  # (..., 1)
-        var = anp.mean((x - mean) ** 2, axis=-1, keepdims=True)  # (..., 1)
-        return (x - mean) / anp.sqrt(var + LN_EPS)
-    length = anp.sqrt(anp.sum(x * x, axis=-1, keepdims=True))  # (..., 1)
-    return x / anp.maximum(length, L2_EPS)
+        return ops.layer_norm_free(x, LN_EPS)
+    return ops.l2_normalize(x, L2_EPS)
 
 
 # ------------------------------------------------------------------ initialisation
@@ -170,7 +172,7 @@ def state_from_means(means):
 
 
 def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None, norm="ln",
-               lloyd_iters=10, dtype=np.float32, impl="auto"):
+               lloyd_iters=10, dtype=None, impl="auto"):
     """Initial k-means state for ``num_heads`` heads of ``num_clusters`` centroids.
 
     Parameters
@@ -190,7 +192,8 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
         Normalisation of the centroids (use the same one as for the points).
     lloyd_iters : int
         Lloyd iterations after picking data points.
-    dtype : float32 or float64
+    dtype : float32 or float64, optional
+        Default: the dtype of ``points`` with ``init="data"``, float32 otherwise.
     impl : {"auto", "ref", "numba"}
         Implementation of the Lloyd assignments.
 
@@ -210,7 +213,9 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
     _choice("init", init, INITS)
     _choice("norm", norm, NORMS)
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        raise TypeError(f"rng must be a numpy.random.Generator, got {rng!r} of type {type(rng).__name__}")
+    if dtype is None:
+        dtype = getval(points).dtype if init == "data" and hasattr(getval(points), "dtype") else np.float32
     if np.dtype(dtype) not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     if init == "normal":
@@ -346,6 +351,9 @@ def balanced_membership(points, means, window_size, *, impl="auto"):
     sequence, so it is not causal: see SPEC.md section 3.
     """
     means = _check_means(means)
+    if isinstance(points, (list, tuple)):
+        raise TypeError(f"points must be one array (B, H, T, D), got a {type(points).__name__}: "
+                        "call balanced_membership once per stream")
     (x,) = _check_points(points, means)
     x = getval(x)
     W = _check_int("window_size", window_size, 1, x.shape[2], what=f" (T={x.shape[2]})")
@@ -412,16 +420,24 @@ def update_state(state, stats, *, update="ema", decay=0.999, eps=1e-5, norm="ln"
     _choice("update", update, UPDATES)
     _choice("norm", norm, NORMS)
     H, K, D = check_state(state)
-    if not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-    if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if not isinstance(eps, numbers.Real) or not 0 < eps < float("inf"):  # inf would make every mean NaN
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     if not isinstance(stats, dict) or "sums" not in stats or "counts" not in stats:
         raise ValueError("stats must be the dict returned by cluster_stats (keys sums, counts)")
     sums, counts = stats["sums"], stats["counts"]
+    if not hasattr(sums, "shape") or not hasattr(counts, "shape"):
+        raise TypeError(f"stats['sums'] and stats['counts'] must be arrays, got "
+                        f"{type(sums).__name__} and {type(counts).__name__}")
     if sums.ndim != 4 or sums.shape[1:] != (H, K, D) or counts.shape != sums.shape[:3]:
         raise ValueError(f"stats of shapes sums {tuple(sums.shape)}, counts {tuple(counts.shape)} "
                          f"do not fit a state with (H, K, D) = {(H, K, D)}")
+    xp = backend.get_array_module(sums)
+    if not bool(xp.isfinite(sums).all()):
+        raise ValueError("stats['sums'] contains NaN or infinity")
+    if bool((counts < 0).any()):
+        raise ValueError(f"stats['counts'] must not be negative, got minimum {counts.min()}")
     means = state["means"]
     dt = means.dtype
     if update == "ema":
@@ -431,7 +447,8 @@ def update_state(state, stats, *, update="ema", decay=0.999, eps=1e-5, norm="ln"
             s = decay * s + (1 - decay) * sums[stream].astype(dt)  # (H, K, D)
         total = n.sum(axis=-1, keepdims=True)  # (H, 1)
         smoothed = (n + eps) / (total + K * eps) * total  # (H, K), only to divide by
-        new_means = s / smoothed[..., None]  # (H, K, D)
+        seen = total[..., None] > 0  # (H, 1, 1): a head that has received no point at all keeps its means
+        new_means = np.where(seen, s / np.where(seen, smoothed[..., None], 1), means)  # (H, K, D)
         return {"means": new_means.astype(dt), "counts": n.astype(dt), "sums": s.astype(dt)}
     if update == "spherical":
         pooled = sums.sum(axis=0)  # (S, H, K, D) -> (H, K, D)
@@ -483,7 +500,7 @@ def commitment_loss(points, means, *, commitment=1e-4, combine="sum"):
     squared norms (which would be D times larger).
     """
     _choice("combine", combine, COMBINES)
-    if not isinstance(commitment, numbers.Real) or not commitment >= 0:
+    if isinstance(commitment, bool) or not isinstance(commitment, numbers.Real) or not 0 <= commitment < np.inf:
         raise ValueError(f"commitment must be a non-negative number, got {commitment!r}")
     mu = _check_means(getval(means))  # stop-gradient: no gradient reaches the centroids
     streams = _check_points(points, mu)
@@ -493,10 +510,8 @@ def commitment_loss(points, means, *, commitment=1e-4, combine="sum"):
     for x in streams:
         a = nearest(getval(x), mu, impl="ref")  # (B, H, T)
         target = mu[heads, a]  # (H, K, D) gathered -> (B, H, T, D)
-        errors.append(anp.mean((x - target) ** 2))
+        errors.append(ops.mean(ops.square(ops.subtract(x, target))))
     total = errors[0]
     for e in errors[1:]:
-        total = total + e
-    if combine == "mean":
-        total = total / len(errors)
-    return commitment * total
+        total = ops.add(total, e)
+    return ops.scale(total, commitment / (len(errors) if combine == "mean" else 1))
