@@ -202,6 +202,7 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
     mem_kv : tuple (mem_k, mem_v) of arrays (H, K, D), optional
         One learned memory key/value per head and cluster, prepended to every
         key window and always visible (the port's separate-QK causal setup).
+        With ``membership="nearest"`` a query sees its own cluster's memory.
     impl : {"auto", "ref", "numba"}
         ``"numba"``: fused forward/backward kernels for the attention inside the
         clusters (balanced membership, no ``mem_kv``); ``"auto"`` uses them when
@@ -231,8 +232,12 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
     _choice("membership", membership, MEMBERSHIP)
     _choice("self_attend", self_attend, SELF_ATTEND)
     _choice("combine", combine, kmeans.COMBINES)
-    if not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if isinstance(commitment, bool) or not isinstance(commitment, numbers.Real) or not 0 <= commitment < math.inf:
+        raise ValueError(f"commitment must be a non-negative finite number, got {commitment!r}")
+    _choice("impl", impl, backend.IMPLS)
+    backend.resolve_impl(impl, backend.get_array_module(getval(q)))  # refuse e.g. impl="cupy" on NumPy arrays
     mu = kmeans._check_means(getval(means))
     if mu.shape[0] != H or mu.shape[2] != D or mu.dtype != getval(q).dtype:
         raise ValueError(f"means of shape {tuple(mu.shape)} and dtype {mu.dtype} do not fit q of shape "
@@ -247,9 +252,14 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
     if mem_kv is not None:
         if shared_qk:
             raise ValueError("mem_kv is the port's separate-QK option: use it with shared_qk=False")
+        if not isinstance(mem_kv, (tuple, list)) or len(mem_kv) != 2:
+            got = f"length {len(mem_kv)}" if isinstance(mem_kv, (tuple, list)) else type(mem_kv).__name__
+            raise ValueError(f"mem_kv must be a pair (mem_k, mem_v), got {got}")
         for name, m in zip(("mem_k", "mem_v"), mem_kv):
-            if tuple(getval(m).shape) != (H, K, D):
-                raise ValueError(f"{name} must have shape {(H, K, D)}, got {tuple(getval(m).shape)}")
+            m = kmeans._check_float_array(name, m, 3)
+            if tuple(m.shape) != (H, K, D) or m.dtype != getval(q).dtype:
+                raise ValueError(f"{name} must have shape {(H, K, D)} and dtype {getval(q).dtype}, "
+                                 f"got {tuple(m.shape)} {m.dtype}")
 
     # 1. Normalise and route.  Routing decisions are integers: constants for autograd.
     qn = kmeans.normalize(q, norm)  # (B, H, T, D)
@@ -275,7 +285,8 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
 
     # 4. Attention inside the clusters, then the scatter-mean back to positions.
     if membership == "nearest":
-        out = _nearest_attention(q_logit, k_logit, v, stats["assignments"], logit_scale, self_attend, eps)
+        out = _nearest_attention(q_logit, k_logit, v, stats["assignments"], logit_scale, self_attend, eps,
+                                 mem_kv)
         return out, loss, stats
     query_windows = kmeans.balanced_membership(getval(qn), mu, W, impl="ref" if impl == "ref" else "auto")
     key_windows = query_windows if shared_qk else kmeans.balanced_membership(
@@ -361,14 +372,15 @@ def _window_counts(windows, T, xp):
     return counts.reshape(B, H, T)
 
 
-def _nearest_attention(q, k, v, assignments, scale, self_attend, eps):
+def _nearest_attention(q, k, v, assignments, scale, self_attend, eps, mem_kv=None):
     """``membership="nearest"``: query i sees key j iff both chose the same centroid and j <= i.
 
     Written as dense attention with a cluster mask: O(T^2) memory, chosen for
     readability (the reference).  Each token is in exactly one cluster, so the
-    scatter-mean divides by 1 + eps.
+    scatter-mean divides by 1 + eps.  With ``mem_kv``, query i also sees the
+    memory key/value of its own cluster, always visible.
     """
-    T = getval(q).shape[2]
+    B, H, T, D = getval(q).shape
     xp = backend.get_array_module(getval(q))
     aq = assignments[0]  # (B, H, T)
     ak = assignments[-1]  # the keys' assignments (the queries' with shared QK)
@@ -376,8 +388,22 @@ def _nearest_attention(q, k, v, assignments, scale, self_attend, eps):
     visible = (ak[..., None, :] == aq[..., :, None]) & (pos[None, :] <= pos[:, None])  # (B, H, T, T)
     logits = ops.scale(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))), scale)  # (B, H, T, T)
     logits = _self_rule(logits, pos[:, None], pos[None, :], self_attend)
+    if mem_kv is None:
+        probs = ops.softmax(logits, mask=visible)
+        return ops.scale(ops.matmul(probs, v), 1.0 / (1.0 + eps))  # (B, H, T, D)
+
+    def own_cluster(m):  # (H, K, D) -> (B, H, T, D): row i is m[h, a(i)]
+        K = getval(m).shape[1]
+        return ops.gather_rows(ops.broadcast_to(ops.reshape(m, (1, H, K, D)), (B, H, K, D)), aq)
+
+    mem_k, mem_v = (own_cluster(m) for m in mem_kv)  # (B, H, T, D) each
+    mem_logit = ops.scale(ops.sum(ops.multiply(q, mem_k), -1, True), scale)  # (B, H, T, 1)
+    logits = ops.concatenate([mem_logit, logits], axis=-1)  # (B, H, T, 1+T), memory first
+    visible = xp.concatenate([xp.ones((B, H, T, 1), bool), visible], axis=-1)
     probs = ops.softmax(logits, mask=visible)
-    return ops.scale(ops.matmul(probs, v), 1.0 / (1.0 + eps))  # (B, H, T, D)
+    out = ops.add(ops.multiply(ops.slice_axis(probs, 0, 1, axis=-1), mem_v),  # (B,H,T,1) * (B,H,T,D)
+                  ops.matmul(ops.slice_axis(probs, 1, T + 1, axis=-1), v))  # (B,H,T,T) @ (B,H,T,D)
+    return ops.scale(out, 1.0 / (1.0 + eps))  # (B, H, T, D)
 
 
 # --------------------------------------------------------------------------- multi-head
@@ -391,8 +417,21 @@ def init_attention_params(width, *, shared_qk=True, rng, dtype=np.float32):
     return {name: (0.02 * rng.standard_normal((width, width))).astype(dtype) for name in names}
 
 
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (d, d + D/2) of every head vector by position-dependent angles.
+
+    x (B, H, T, D), cos and sin (T, D) -> (B, H, T, D):
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]``
+    (Su et al., arXiv:2104.09864).
+    """
+    D = getval(x).shape[-1]
+    first, second = ops.slice_axis(x, 0, D // 2), ops.slice_axis(x, D // 2, D)  # (B, H, T, D/2) each
+    rotated = ops.concatenate([ops.scale(second, -1.0), first], axis=-1)  # (B, H, T, D)
+    return ops.add(ops.multiply(x, cos), ops.multiply(rotated, sin))
+
+
 def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_size=None, block_size,
-                        look_back=1, shared_qk=True, self_attend="allow", impl="auto", **routing):
+                        look_back=1, shared_qk=True, self_attend="allow", rotary=None, impl="auto", **routing):
     """One attention layer: routing heads and local heads side by side, then the output projection.
 
     Parameters
@@ -412,6 +451,10 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
         L and look-back of the local heads.
     shared_qk, self_attend, impl
         As in :func:`routing_attention`, for both kinds of heads.
+    rotary : tuple (cos, sin) of arrays (T, D), optional
+        Rotary position embedding applied to queries and keys of every head
+        before routing (the PyTorch port's positions); see
+        :func:`rt_numpy.model.rotary_tables`.
     **routing
         Further options of :func:`routing_attention` (``norm``, ``logits``,
         ``membership``, ``eps``, ``commitment``, ``combine``).
@@ -446,10 +489,14 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
     for name in needed:
         if tuple(getval(plain[name]).shape) != (C, C):
             raise ValueError(f"params[{name!r}] must have shape {(C, C)}, got {tuple(getval(plain[name]).shape)}")
+    _choice("impl", impl, backend.IMPLS)
     Hr = int(n_route_heads)
     q = ops.split_heads(ops.matmul(x, params["w_q"]), H)  # (B, T, C) @ (C, C) -> (B, H, T, D)
     k = q if shared_qk else ops.split_heads(ops.matmul(x, params["w_k"]), H)
     v = ops.split_heads(ops.matmul(x, params["w_v"]), H)
+    if rotary is not None:
+        q = apply_rotary(q, *rotary)
+        k = q if shared_qk else apply_rotary(k, *rotary)
     parts, loss, stats = [], 0.0, None
     if Hr:
         def route_heads(t):

@@ -1,0 +1,298 @@
+"""A small decoder-only Routing Transformer language model, as pure functions.
+
+* :class:`Config` - every size and option, validated on construction.
+* :func:`init_params` - the parameters, a flat dict ``name -> array`` with
+  stable names (listed in :func:`param_shapes`), one-to-one with the names of
+  other frameworks' parameters for cross-checking.
+* :func:`init_kmeans` - the k-means state of every routing layer, kept beside
+  the parameters and updated after each training step (never differentiated).
+* :func:`forward` / :func:`loss` - built only from :mod:`rt_numpy.ops`
+  primitives, so autograd differentiates them and they run on CuPy arrays.
+
+Architecture (SPEC.md section 4; paper section 4.2): token embedding plus
+learned absolute position embedding (or rotary), ``n_layers`` pre-LN residual
+blocks (attention, then a GELU feed-forward), a final layer norm and the output
+projection, tied to the token embedding by default.  The attention of the last
+``n_route_layers`` layers mixes ``n_route_heads`` routing heads with local
+heads; earlier layers are local only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+from autograd.tracer import getval
+
+from rt_numpy import attention, backend, kmeans, ops
+
+POS_ENCODINGS = ("learned", "rotary")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes and options of the language model.  Validated on construction.
+
+    Letters: V vocab_size, T seq_len, C width, H n_heads, K num_clusters,
+    W window_size, L block_size (SPEC.md alphabet).
+    """
+
+    vocab_size: int = 256
+    seq_len: int = 256  # T, the training context
+    width: int = 128  # C
+    n_layers: int = 2
+    n_heads: int = 4  # H; head dim D = C / H
+    n_route_heads: int = 2  # routing heads in each routing layer; the rest are local
+    n_route_layers: int = 1  # routing only in the last n_route_layers layers
+    num_clusters: int = 4  # K
+    window_size: int = 64  # W, tokens per cluster
+    block_size: int = 64  # L, local attention block
+    look_back: int = 1  # previous blocks a local block sees
+    ff_mult: int = 4  # feed-forward width = ff_mult * C
+    shared_qk: bool = True
+    pos_encoding: str = "learned"  # or "rotary"
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    # routing options (SPEC.md section 1), official defaults
+    norm: str = "ln"
+    logits: str = "normalized"
+    membership: str = "balanced"
+    self_attend: str = "allow"
+    combine_eps: float = 1e-2
+    commitment: float = 1e-4
+    combine: str = "sum"
+    ema_decay: float = 0.999
+    kmeans_update: str = "ema"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "width", "n_layers", "n_heads", "num_clusters", "window_size",
+                     "block_size", "ff_mult"):
+            _int_at_least(name, getattr(self, name), 1)
+        _int_at_least("look_back", self.look_back, 0)
+        _int_at_least("n_route_heads", self.n_route_heads, 0)
+        _int_at_least("n_route_layers", self.n_route_layers, 0)
+        if self.width % self.n_heads:
+            raise ValueError(f"width must be a multiple of n_heads={self.n_heads}, got {self.width}")
+        if self.n_route_heads > self.n_heads:
+            raise ValueError(f"n_route_heads must be <= n_heads={self.n_heads}, got {self.n_route_heads}")
+        if self.n_route_layers > self.n_layers:
+            raise ValueError(f"n_route_layers must be <= n_layers={self.n_layers}, got {self.n_route_layers}")
+        if self.seq_len % self.block_size:
+            raise ValueError(f"seq_len must be a multiple of block_size={self.block_size}, got {self.seq_len}")
+        if self.window_size > self.seq_len:
+            raise ValueError(f"window_size must be <= seq_len={self.seq_len}, got {self.window_size}")
+        choices = {"pos_encoding": POS_ENCODINGS, "norm": kmeans.NORMS, "logits": attention.LOGITS,
+                   "membership": attention.MEMBERSHIP, "self_attend": attention.SELF_ATTEND,
+                   "combine": kmeans.COMBINES, "kmeans_update": kmeans.UPDATES, "dtype": ("float32", "float64")}
+        for name, options in choices.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in options:
+                raise ValueError(f"{name} must be one of {options}, got {value!r}")
+        if self.pos_encoding == "rotary" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head dim, got width/n_heads = {self.head_dim}")
+        for name in ("shared_qk", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _real_in("dropout", self.dropout, 0.0, 1.0, closed_high=False)
+        _real_in("ema_decay", self.ema_decay, 0.0, 1.0, closed_high=False)
+        _real_in("commitment", self.commitment, 0.0, math.inf)
+        if not isinstance(self.combine_eps, numbers.Real) or not self.combine_eps > 0:
+            raise ValueError(f"combine_eps must be a positive number, got {self.combine_eps!r}")
+
+    @property
+    def head_dim(self):
+        return self.width // self.n_heads
+
+    def is_routing_layer(self, layer):
+        """Routing happens only in the last ``n_route_layers`` layers (SPEC.md section 4)."""
+        return self.n_route_heads > 0 and layer >= self.n_layers - self.n_route_layers
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        """A Config from a dict (e.g. read from a checkpoint's JSON); unknown keys are an error."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**values)
+
+
+def _int_at_least(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _real_in(name, value, low, high, closed_high=True):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and low <= value and (
+        value <= high if closed_high else value < high)
+    if not ok:
+        raise ValueError(f"{name} must be a number in [{low}, {high}{']' if closed_high else ')'}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- parameters
+def param_shapes(cfg):
+    """Every parameter name and its shape, in a fixed order.
+
+    ``wte`` (V, C) token embedding; ``wpe`` (T, C) learned positions;
+    per layer ``h{i}.ln1.g``/``.b`` (C,), ``h{i}.attn.w_q``/``w_k``/``w_v``/``w_o``
+    (C, C) (no ``w_k`` with shared QK), ``h{i}.ln2.g``/``.b``, ``h{i}.mlp.w_in``
+    (C, F), ``h{i}.mlp.b_in`` (F,), ``h{i}.mlp.w_out`` (F, C), ``h{i}.mlp.b_out``
+    (C,); ``ln_f.g``/``.b``; ``lm_head`` (C, V) when embeddings are not tied.
+    """
+    V, T, C, F = cfg.vocab_size, cfg.seq_len, cfg.width, cfg.ff_mult * cfg.width
+    shapes = {"wte": (V, C)}
+    if cfg.pos_encoding == "learned":
+        shapes["wpe"] = (T, C)
+    for i in range(cfg.n_layers):
+        shapes[f"h{i}.ln1.g"] = shapes[f"h{i}.ln1.b"] = (C,)
+        for w in ("w_q", "w_v", "w_o") if cfg.shared_qk else ("w_q", "w_k", "w_v", "w_o"):
+            shapes[f"h{i}.attn.{w}"] = (C, C)
+        shapes[f"h{i}.ln2.g"] = shapes[f"h{i}.ln2.b"] = (C,)
+        shapes.update({f"h{i}.mlp.w_in": (C, F), f"h{i}.mlp.b_in": (F,), f"h{i}.mlp.w_out": (F, C),
+                       f"h{i}.mlp.b_out": (C,)})
+    shapes["ln_f.g"] = shapes["ln_f.b"] = (C,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (C, V)
+    return shapes
+
+
+def init_params(cfg, rng):
+    """Parameters drawn as in GPT-2: N(0, 0.02^2) weights, the residual output projections
+    scaled by 1/sqrt(2 n_layers), zero biases, unit layer-norm gains.
+
+    Returns a dict ``name -> array`` of ``cfg.dtype`` (names: :func:`param_shapes`).
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {rng!r}")
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith(".g"):
+            value = np.ones(shape)
+        elif name.endswith((".b", ".b_in", ".b_out")):
+            value = np.zeros(shape)
+        else:
+            std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("w_o", "w_out")) else 0.02
+            value = std * rng.standard_normal(shape)
+        params[name] = value.astype(cfg.dtype)
+    return params
+
+
+def init_kmeans(cfg, rng):
+    """k-means state of every routing layer: ``{"h{i}": state}`` with centroids (n_route_heads, K, D).
+
+    Centroids are initialised here, never lazily: a model can sample before training.
+    """
+    return {f"h{i}": kmeans.init_state(cfg.n_route_heads, cfg.num_clusters, cfg.head_dim, rng=rng,
+                                       norm=cfg.norm, dtype=np.dtype(cfg.dtype))
+            for i in range(cfg.n_layers) if cfg.is_routing_layer(i)}
+
+
+def update_kmeans(cfg, states, stats):
+    """Apply each routing layer's centroid update after a training step; returns new states."""
+    return {name: kmeans.update_state(state, stats[name], update=cfg.kmeans_update, decay=cfg.ema_decay,
+                                      norm=cfg.norm)
+            for name, state in states.items()}
+
+
+# --------------------------------------------------------------------------- forward
+def rotary_tables(T, D, xp=np, dtype=np.float32):
+    """cos and sin tables (T, D) of rotary position embeddings (Su et al., arXiv:2104.09864).
+
+    Pair (d, d + D/2) of a head vector is rotated by the angle ``t * 10000^(-2d/D)``.
+    """
+    inv_freq = 10000.0 ** (-np.arange(D // 2) * 2.0 / D)  # (D/2,)
+    angles = np.arange(T)[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = np.concatenate([angles, angles], axis=1)  # (T, D)
+    return xp.asarray(np.cos(angles).astype(dtype)), xp.asarray(np.sin(angles).astype(dtype))
+
+
+def _dropout(x, rate, rng):
+    if rng is None or rate == 0.0:
+        return x
+    xp = backend.get_array_module(getval(x))
+    keep = xp.asarray(rng.random(getval(x).shape) >= rate).astype(getval(x).dtype)  # a constant mask
+    return ops.multiply(x, ops.scale(keep, 1.0 / (1.0 - rate)))
+
+
+def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto"):
+    """Logits of the next byte at every position.
+
+    Parameters
+    ----------
+    params : dict
+        From :func:`init_params`.
+    ids : int array (B, T')
+        Token ids, T' <= cfg.seq_len.
+    cfg : Config
+    kmeans_states : dict
+        From :func:`init_kmeans`; only the centroids are read.
+    rng : numpy.random.Generator, optional
+        Dropout randomness; None = evaluation (no dropout).
+    impl : {"auto", "ref", "numba"}
+
+    Returns
+    -------
+    logits : array (B, T', V)
+    aux : dict
+        ``commitment`` (scalar, summed over routing layers) and ``stats``
+        (``{"h{i}": cluster statistics}``) for :func:`update_kmeans`.
+    """
+    ids_v = getval(ids)
+    if getattr(ids_v, "ndim", None) != 2 or getattr(ids_v, "dtype", np.float64).kind not in "iu":
+        raise TypeError(f"ids must be an integer array (B, T), got {getattr(ids_v, 'dtype', type(ids_v))} "
+                        f"of shape {getattr(ids_v, 'shape', None)}")
+    B, T = ids_v.shape
+    if not 1 <= T <= cfg.seq_len:
+        raise ValueError(f"ids must have 1 <= T <= seq_len={cfg.seq_len}, got T={T}")
+    if T % cfg.block_size:
+        raise ValueError(f"T={T} must be a multiple of block_size={cfg.block_size}")
+    C, H, D = cfg.width, cfg.n_heads, cfg.head_dim
+    xp = backend.get_array_module(getval(params["wte"]))
+    x = ops.reshape(ops.gather_rows(params["wte"], xp.reshape(xp.asarray(ids_v), (-1,))), (B, T, C))  # (B, T, C)
+    rotary = None
+    if cfg.pos_encoding == "learned":
+        x = ops.add(x, ops.slice_axis(params["wpe"], 0, T, axis=0))  # (B, T, C) + (T, C)
+    else:
+        rotary = rotary_tables(T, D, xp, np.dtype(cfg.dtype))
+    x = _dropout(x, cfg.dropout, rng)
+    commitment, stats = 0.0, {}
+    for i in range(cfg.n_layers):
+        p = f"h{i}."
+        routing = cfg.is_routing_layer(i)
+        h = ops.layer_norm(x, params[p + "ln1.g"], params[p + "ln1.b"])
+        weights = {w: params[p + "attn." + w] for w in ("w_q", "w_k", "w_v", "w_o") if p + "attn." + w in params}
+        y, layer_loss, layer_stats = attention.multihead_attention(
+            h, weights, kmeans_states[f"h{i}"]["means"] if routing else None, num_heads=H,
+            n_route_heads=cfg.n_route_heads if routing else 0, window_size=min(cfg.window_size, T),
+            block_size=cfg.block_size, look_back=cfg.look_back, shared_qk=cfg.shared_qk,
+            self_attend=cfg.self_attend, rotary=rotary, impl=impl, norm=cfg.norm, logits=cfg.logits,
+            membership=cfg.membership, eps=cfg.combine_eps, commitment=cfg.commitment, combine=cfg.combine)
+        x = ops.add(x, _dropout(y, cfg.dropout, rng))
+        if routing:
+            commitment = ops.add(commitment, layer_loss)
+            stats[f"h{i}"] = layer_stats
+        h = ops.layer_norm(x, params[p + "ln2.g"], params[p + "ln2.b"])
+        h = ops.gelu(ops.add(ops.matmul(h, params[p + "mlp.w_in"]), params[p + "mlp.b_in"]))  # (B, T, F)
+        h = ops.add(ops.matmul(h, params[p + "mlp.w_out"]), params[p + "mlp.b_out"])  # (B, T, C)
+        x = ops.add(x, _dropout(h, cfg.dropout, rng))
+    x = ops.layer_norm(x, params["ln_f.g"], params["ln_f.b"])
+    head = ops.transpose(params["wte"], (1, 0)) if cfg.tie_embeddings else params["lm_head"]  # (C, V)
+    logits = ops.matmul(x, head)  # (B, T, C) @ (C, V) -> (B, T, V)
+    return logits, {"commitment": commitment, "stats": stats}
+
+
+def loss(params, ids, targets, cfg, kmeans_states, *, rng=None, impl="auto"):
+    """Mean next-byte cross-entropy (nats) plus the commitment losses.
+
+    Returns ``(total, aux)``; ``aux`` adds ``cross_entropy`` to :func:`forward`'s aux.
+    """
+    logits, aux = forward(params, ids, cfg, kmeans_states, rng=rng, impl=impl)
+    ce = ops.cross_entropy(logits, targets)
+    aux["cross_entropy"] = ce
+    return ops.add(ce, aux["commitment"]), aux
