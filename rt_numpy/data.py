@@ -1,0 +1,459 @@
+"""Data for a byte-level language model: tokeniser, corpora, batching, a recall task.
+
+The tokeniser is the identity on UTF-8 bytes, so the vocabulary is the 256 byte
+values (``VOCAB_SIZE``) and no file or download is needed to tokenise.  Two corpora:
+
+- ``"python"`` (the default, always available): text that ships with Python itself,
+  the pydoc documentation topics followed by the standard library's ``.py`` sources,
+  read in a fixed order so that its sha256 is reproducible on a given Python version.
+- ``"enwik"`` (optional): the shortened English Wikipedia XML dump that the gensim
+  wheel ships as test data (``pip install gensim``).
+
+Batching follows nanoGPT: training windows are sampled uniformly at random with an
+explicit ``np.random.Generator``; evaluation walks the held-out split in
+non-overlapping windows.  ``recall_task`` builds synthetic associative-recall
+sequences whose answers lie further back than a local attention window, the setting
+in which content-based routing should beat local attention.
+
+Notes
+-----
+Roy et al., "Efficient Content-Based Sparse Attention with Routing Transformers",
+TACL 2021, Section 5 (language modelling benchmarks, reported in bits per byte/dim
+for byte-level data).
+"""
+from __future__ import annotations
+
+import bz2
+import functools
+import hashlib
+import importlib.util
+import math
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+VOCAB_SIZE = 256
+"""Number of distinct tokens: one per byte value."""
+
+DEFAULT_MAX_BYTES = 8_000_000
+"""Default cap on the size of the ``"python"`` corpus (bytes)."""
+
+CORPORA = ("python", "enwik")
+
+# Directories skipped while walking the standard library: installed third-party
+# packages, test suites (their data files are machine-generated noise), bytecode, and
+# pydoc_data, whose topics.py holds the same prose that the corpus already starts with.
+_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
+                            "__pycache__", "pydoc_data"})
+
+ENWIK_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+"""Name of the Wikipedia dump inside ``gensim/test/test_data`` (checked in gensim 4.4.0)."""
+
+
+# --------------------------------------------------------------------------- tokeniser
+def encode(text: str) -> np.ndarray:
+    """Encode text as its UTF-8 bytes.
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    ids : ndarray of uint8, shape (N,)
+        N is the number of UTF-8 bytes, which exceeds ``len(text)`` for non-ASCII text.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()  # (N,)
+
+
+def decode(ids) -> str:
+    """Decode byte ids back to text; invalid UTF-8 becomes U+FFFD.
+
+    Parameters
+    ----------
+    ids : array_like of int, shape (N,)
+        Values in ``[0, 256)``.  A model's samples may cut a multi-byte character
+        in half, hence ``errors="replace"`` rather than an exception.
+
+    Returns
+    -------
+    text : str
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+    if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= VOCAB_SIZE):
+        raise ValueError(f"ids must be integers in [0, {VOCAB_SIZE}), got dtype {ids.dtype} "
+                         f"with range [{ids.min()}, {ids.max()}]")
+    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------- corpora
+def _stdlib_sources(root: Path) -> list[str]:
+    """Relative POSIX paths of the standard library's ``.py`` files, sorted."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: no cycles
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
+        for name in filenames:
+            if name.endswith(".py"):
+                paths.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(paths)
+
+
+@functools.lru_cache(maxsize=4)
+def python_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, str]:
+    """The default corpus: documentation and source code that ship with Python.
+
+    The text is built from records, concatenated in this fixed order:
+
+    1. every pydoc documentation topic (``pydoc_data.topics.topics``, the prose of the
+       Python Language Reference), sorted by key, each as ``"{key}\\n{text}\\n\\n"``;
+    2. every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``, sorted by relative
+       POSIX path, each as ``"# file: {path}\\n{source}\\n"``.  Directories named
+       ``site-packages``, ``dist-packages``, ``test``, ``tests``, ``idle_test``,
+       ``__pycache__`` and ``pydoc_data`` are skipped, and so is any file that is not
+       valid UTF-8.
+
+    Records are appended whole until the next one would exceed ``max_bytes``; the
+    corpus stops there.  Prose comes first so that a small ``max_bytes`` still gives
+    mostly English, and so that the contiguous train split holds all of it.
+
+    Parameters
+    ----------
+    max_bytes : int, optional
+        Upper bound on the corpus length in bytes (default 8 MB).
+
+    Returns
+    -------
+    data : bytes
+        UTF-8 text, ``len(data) <= max_bytes``.
+    sha256 : str
+        Hex digest of ``data``: identical across runs on the same Python version.
+
+    Notes
+    -----
+    Nothing is written to disk; results are kept in memory (``functools.lru_cache``).
+    """
+    if not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    from pydoc_data.topics import topics
+
+    def records():
+        for key in sorted(topics):
+            yield f"{key}\n{topics[key]}\n\n".encode("utf-8")
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for rel in _stdlib_sources(root):
+            source = (root / rel).read_bytes()
+            try:
+                source.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            yield f"# file: {rel}\n".encode("utf-8") + source + b"\n"
+
+    parts, total = [], 0
+    for record in records():
+        if total + len(record) > max_bytes:
+            break
+        parts.append(record)
+        total += len(record)
+    data = b"".join(parts)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _gensim_test_data() -> Path:
+    """Directory ``gensim/test/test_data`` of the installed gensim, found without importing it."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise ImportError("the 'enwik' corpus is the Wikipedia dump shipped with gensim's test data; "
+                          "install it with: pip install gensim")
+    return Path(spec.origin).parent / "test" / "test_data"
+
+
+def enwik_corpus(path: str | os.PathLike | None = None, max_bytes: int | None = None) -> tuple[bytes, str]:
+    """English Wikipedia XML (about 6.1 MB) from the test data of the gensim wheel.
+
+    The file is ``gensim/test/test_data/`` + ``ENWIK_FILE``, a bz2-compressed,
+    shortened dump of the first English Wikipedia articles (MediaWiki XML: markup and
+    English prose, like enwik8).  If that exact name is missing (another gensim
+    version), the first ``enwiki-latest-pages-articles*.bz2`` in sorted order is used.
+    gensim is located with ``importlib.util.find_spec`` and never imported.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        Read this ``.bz2`` file instead of looking inside gensim.
+    max_bytes : int, optional
+        Keep only the first ``max_bytes`` bytes of the decompressed text.
+
+    Returns
+    -------
+    data : bytes
+    sha256 : str
+        Hex digest of ``data`` (gensim 4.4.0, whole file: ``34c1c630...20fa4``,
+        6,089,746 bytes).
+
+    Raises
+    ------
+    ImportError
+        If gensim is not installed and no ``path`` is given.
+    """
+    if path is None:
+        test_data = _gensim_test_data()
+        path = test_data / ENWIK_FILE
+        if not path.exists():
+            found = sorted(test_data.glob("enwiki-latest-pages-articles*.bz2"))
+            if not found:
+                raise FileNotFoundError(f"no enwiki-latest-pages-articles*.bz2 in {test_data}")
+            path = found[0]
+    data = bz2.decompress(Path(path).read_bytes())
+    if max_bytes is not None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
+        data = data[:max_bytes]
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def load_corpus(name: str = "python", max_bytes: int | None = None) -> tuple[np.ndarray, str]:
+    """Load a named corpus as byte ids.
+
+    Parameters
+    ----------
+    name : {"python", "enwik"}
+    max_bytes : int, optional
+        Size cap; ``None`` means the corpus default (8 MB for "python", all of "enwik").
+
+    Returns
+    -------
+    data : ndarray of uint8, shape (N,)
+        Read-only view of the corpus bytes.
+    sha256 : str
+        Hex digest of the bytes, to record next to results.
+    """
+    if name == "python":
+        raw, digest = python_corpus(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    elif name == "enwik":
+        raw, digest = enwik_corpus(max_bytes=max_bytes)
+    else:
+        raise ValueError(f"name must be one of {CORPORA}, got {name!r}")
+    return np.frombuffer(raw, dtype=np.uint8), digest  # (N,)
+
+
+# --------------------------------------------------------------------------- batching
+def split(data: np.ndarray, fractions=(0.9, 0.05, 0.05)) -> dict[str, np.ndarray]:
+    """Cut a token array into contiguous train / val / test pieces, in that order.
+
+    No shuffling: a random split of a byte stream would put the neighbours of every
+    held-out byte into the training set, so held-out text would not be unseen.
+
+    Parameters
+    ----------
+    data : ndarray, shape (N,)
+    fractions : sequence of 3 floats
+        Non-negative, summing to 1, train fraction positive.
+
+    Returns
+    -------
+    splits : dict
+        ``{"train": data[:a], "val": data[a:b], "test": data[b:]}`` (views) with
+        ``a = floor(N * f_train)`` and ``b = floor(N * (f_train + f_val))``.
+    """
+    f = tuple(float(v) for v in fractions)
+    if len(f) != 3 or min(f) < 0 or f[0] <= 0 or not math.isclose(sum(f), 1.0, abs_tol=1e-9):
+        raise ValueError(f"fractions must be 3 non-negative numbers summing to 1 with a positive "
+                         f"train fraction, got {tuple(fractions)!r}")
+    n = len(data)
+    a = int(n * f[0])
+    b = min(n, int(n * (f[0] + f[1])))
+    return {"train": data[:a], "val": data[a:b], "test": data[b:]}
+
+
+def _check_windows(data: np.ndarray, batch_size: int, seq_len: int) -> None:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if len(data) <= seq_len:
+        raise ValueError(f"seq_len must be less than len(data) (a window needs seq_len + 1 bytes), "
+                         f"got seq_len={seq_len} with len(data)={len(data)}")
+
+
+def random_batches(data: np.ndarray, batch_size: int, seq_len: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One training batch of windows drawn uniformly from ``data``.
+
+    Parameters
+    ----------
+    data : ndarray of int, shape (N,)
+    batch_size, seq_len : int
+        B and T; requires ``N > T``.
+    rng : np.random.Generator
+        Source of the window starts, uniform over ``[0, N - T - 1]``.
+
+    Returns
+    -------
+    x : ndarray of int64, shape (B, T)
+        Inputs ``data[s : s + T]``.
+    y : ndarray of int64, shape (B, T)
+        Next-byte targets ``data[s + 1 : s + T + 1]``, so ``y[:, :-1] == x[:, 1:]``.
+    """
+    _check_windows(data, batch_size, seq_len)
+    starts = rng.integers(0, len(data) - seq_len, size=batch_size)  # (B,)
+    idx = starts[:, None] + np.arange(seq_len + 1)  # (B, 1) + (T+1,) -> (B, T+1)
+    windows = np.asarray(data)[idx].astype(np.int64)  # (B, T+1)
+    return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+
+
+def eval_batches(data: np.ndarray, batch_size: int,
+                 seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Walk ``data`` in non-overlapping windows, for held-out evaluation.
+
+    Window ``i`` has inputs ``data[i*T : (i+1)*T]`` and targets shifted by one, for
+    ``i < n = (N - 1) // T``; so every target ``data[1 : n*T + 1]`` is scored exactly
+    once and the last ``(N - 1) % T`` (< T) targets are left out.  Windows are
+    grouped in order into batches of ``batch_size``; the last batch may be smaller.
+
+    Parameters
+    ----------
+    data : ndarray of int, shape (N,)
+    batch_size, seq_len : int
+        B and T; requires ``N > T``.
+
+    Yields
+    ------
+    x, y : ndarray of int64, shape (b, T), ``b <= B``
+    """
+    _check_windows(data, batch_size, seq_len)
+    n_windows = (len(data) - 1) // seq_len
+    offsets = np.arange(seq_len + 1)  # (T+1,)
+    for first in range(0, n_windows, batch_size):
+        starts = np.arange(first, min(first + batch_size, n_windows)) * seq_len  # (b,)
+        windows = np.asarray(data)[starts[:, None] + offsets].astype(np.int64)  # (b, T+1)
+        yield windows[:, :-1], windows[:, 1:]
+
+
+def bits_per_byte(mean_nll_nats):
+    """Convert a mean negative log-likelihood per byte from nats to bits: ``nats / ln 2``."""
+    return mean_nll_nats / math.log(2)
+
+
+# --------------------------------------------------------------------------- recall task
+KEY_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
+VALUE_ALPHABET = b"0123456789"
+FILLER_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def recall_task(batch_size: int, seq_len: int, *, rng: np.random.Generator, n_pairs: int = 4,
+                key_len: int = 2, value_len: int = 1,
+                distance: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Associative recall: look a key up in pairs seen ``distance`` or more bytes ago.
+
+    Each row is a byte string ``s`` of length ``T + 1`` (``x = s[:-1]``, ``y = s[1:]``)
+    with three parts; a record is a key (``key_len`` bytes from ``KEY_ALPHABET``,
+    lower-case letters) followed by its value (``value_len`` bytes from
+    ``VALUE_ALPHABET``, digits), ``R = key_len + value_len`` bytes::
+
+        s = [pair_1 ... pair_P] [filler ...] [query_1 ... query_P]
+
+    - ``s[0 : P*R]``: the ``P = n_pairs`` records, with distinct keys and random values;
+    - filler: random bytes from ``FILLER_ALPHABET`` (upper-case letters, disjoint from
+      keys and values) up to position ``Q = T + 1 - P*R``;
+    - ``s[Q : T+1]``: the same ``P`` records again in a random order, the queries.
+
+    A query record starts at least ``distance`` positions after the earlier record with
+    the same key, and since both records have the same layout, each value byte of a
+    query lies the same number of positions after its earlier copy.  Predicting the
+    value bytes of a query (the positions where ``mask`` is True) needs the earlier
+    record; everything else is either random or copies known structure.
+
+    Parameters
+    ----------
+    batch_size, seq_len : int
+        B and T.
+    rng : np.random.Generator
+    n_pairs, key_len, value_len : int
+        P, key length and value length; needs ``26 ** key_len >= n_pairs``.
+    distance : int
+        Minimum offset from a record to its query.  Requires
+        ``seq_len >= distance + (2 * n_pairs - 1) * R - 1``, the case of the last pair
+        queried first.
+
+    Returns
+    -------
+    x, y : ndarray of int64, shape (B, T)
+        Inputs and next-byte targets.
+    mask : ndarray of bool, shape (B, T)
+        True exactly where ``y`` is a value byte of a query: ``P * value_len`` per row.
+
+    Notes
+    -----
+    With ``distance`` several times the local attention window, local heads can't see
+    the answer while routing heads, which cluster the query key with its earlier
+    occurrence (Roy et al. 2021, Section 4), can.
+    """
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_pairs", n_pairs),
+                        ("key_len", key_len), ("value_len", value_len), ("distance", distance)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    n_keys = len(KEY_ALPHABET) ** key_len
+    if n_pairs > n_keys:
+        raise ValueError(f"n_pairs must be at most 26 ** key_len = {n_keys} (keys are distinct), "
+                         f"got n_pairs={n_pairs}")
+    R = key_len + value_len
+    P = n_pairs
+    min_len = distance + (2 * P - 1) * R - 1
+    if seq_len < min_len:
+        raise ValueError(f"distance={distance} is too large for seq_len={seq_len}: with n_pairs={P} "
+                         f"and records of {R} bytes, seq_len must be at least {min_len}")
+    keys_ab = np.frombuffer(KEY_ALPHABET, np.uint8)
+    values_ab = np.frombuffer(VALUE_ALPHABET, np.uint8)
+    filler_ab = np.frombuffer(FILLER_ALPHABET, np.uint8)
+    Q = seq_len + 1 - P * R  # first position of the queries
+
+    s = filler_ab[rng.integers(0, len(filler_ab), size=(batch_size, seq_len + 1))]  # (B, T+1)
+    mask = np.zeros((batch_size, seq_len + 1), dtype=bool)  # over s, shifted to y at the end
+    place = 26 ** np.arange(key_len - 1, -1, -1)  # (key_len,) base-26 digit weights
+    for b in range(batch_size):
+        key_ids = rng.choice(n_keys, size=P, replace=False)  # (P,) distinct keys
+        keys = keys_ab[(key_ids[:, None] // place) % 26]  # (P, key_len)
+        values = values_ab[rng.integers(0, len(values_ab), size=(P, value_len))]  # (P, value_len)
+        records = np.concatenate([keys, values], axis=1)  # (P, R)
+        s[b, :P * R] = records.reshape(-1)
+        order = rng.permutation(P)  # which pair each query slot asks for
+        s[b, Q:] = records[order].reshape(-1)
+        for slot in range(P):
+            start = Q + slot * R + key_len
+            mask[b, start:start + value_len] = True
+    s = s.astype(np.int64)
+    return s[:, :-1], s[:, 1:], mask[:, 1:]  # (B, T) each
+
+
+def recall_accuracy(logits_or_pred: np.ndarray, y: np.ndarray, mask: np.ndarray) -> float:
+    """Fraction of masked positions where the prediction equals the target.
+
+    Parameters
+    ----------
+    logits_or_pred : ndarray, shape (B, T, V) or (B, T)
+        Logits (argmax over the last axis is taken) or predicted byte ids.
+    y : ndarray of int, shape (B, T)
+    mask : ndarray of bool, shape (B, T)
+        Positions to score, as returned by ``recall_task``.
+
+    Returns
+    -------
+    accuracy : float in [0, 1]
+    """
+    pred = np.asarray(logits_or_pred)
+    if pred.ndim == 3:
+        pred = pred.argmax(axis=-1)  # (B, T, V) -> (B, T)
+    y, mask = np.asarray(y), np.asarray(mask, dtype=bool)
+    if pred.shape != y.shape or mask.shape != y.shape:
+        raise ValueError(f"logits_or_pred must have shape (B, T, V) or (B, T) matching y and mask, got "
+                         f"{np.shape(logits_or_pred)} with y {y.shape} and mask {mask.shape}")
+    if not mask.any():
+        raise ValueError("mask must mark at least one position, got an all-False mask")
+    return float((pred[mask] == y[mask]).mean())
