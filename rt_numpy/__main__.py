@@ -1,31 +1,105 @@
-"""Command line: ``python -m rt_numpy demo`` (also the console script ``rt-numpy``).
+"""Command line: ``python -m rt_numpy demo|train|sample|eval|kmeans-demo`` (also the console script ``rt-numpy``).
 
-The ``demo`` command is the project's main job.  Until the language model lands
-it runs online k-means, the routing module of the Routing Transformer, on
-normalised vectors drawn around hidden directions and reports how well the
-centroids found them.
+* ``demo`` - the main job: train the ``small`` preset on the default corpus
+  (text that ships with Python), report held-out bits per byte, print a sample
+  and say where the loss plot is.
+* ``train`` - train a preset (``tiny``, ``small``), optionally resuming.
+* ``sample`` - generate text from a checkpoint.
+* ``eval`` - held-out bits per byte of a checkpoint.
+* ``kmeans-demo`` - online k-means alone, on vectors around hidden directions.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 import time
 
 import numpy as np
 
-from rt_numpy import backend, kmeans
+from rt_numpy import backend, data, kmeans
+
+
+def _configs(args):
+    from rt_numpy import train
+
+    cfg, tcfg = train.PRESETS[args.preset]
+    changes = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "seed", "corpus", "time_limit")
+               if getattr(args, k, None) is not None}
+    return cfg, dataclasses.replace(tcfg, **changes)
+
+
+def _print_sample(params, cfg, kmeans_states, prompt, n_new, seed, temperature, top_k, top_p, impl):
+    from rt_numpy import sample
+
+    ids = data.encode(prompt)[None].astype(np.int64)  # (1, len)
+    out = sample.generate(params, cfg, kmeans_states, ids, n_new, rng=np.random.default_rng(seed),
+                          temperature=temperature, top_k=top_k, top_p=top_p, impl=impl)
+    print("-" * 72)
+    print(data.decode(out[0]))
+    print("-" * 72)
+
+
+def cmd_train(args, demo=False):
+    from rt_numpy import train
+
+    cfg, tcfg = _configs(args)
+    print(f"model: {cfg}")
+    print(f"training: {tcfg}")
+    result = train.train(cfg, tcfg, out_dir=args.out, resume=args.resume, impl=args.impl,
+                         progress=not args.no_progress)
+    if result["sha256"]:
+        print(f"corpus {tcfg.corpus!r}: sha256 {result['sha256']}")
+    val = result["val"]
+    print(f"held-out (validation) after {result['step']} steps: {val['bits_per_byte']:.3f} bits/byte")
+    if demo:
+        raw, _ = data.load_corpus(tcfg.corpus)
+        test = train.evaluate(result["params"], result["kmeans_states"], cfg, data.split(raw)["test"],
+                              batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches, impl=args.impl)
+        print(f"held-out (test split): {test['bits_per_byte']:.3f} bits/byte")
+        _print_sample(result["params"], cfg, result["kmeans_states"], args.prompt, args.n_new, args.seed,
+                      0.8, None, 0.95, args.impl)
+    if result["plot"]:
+        print(f"loss plot: {os.path.abspath(result['plot'])}")
+    if result["checkpoint"]:
+        print(f"checkpoint: {os.path.abspath(result['checkpoint'])}.npz / .json")
+    return 0
+
+
+def cmd_sample(args):
+    from rt_numpy import train
+
+    state = train.load_checkpoint(args.checkpoint)
+    _print_sample(state["params"], state["cfg"], state["kmeans_states"], args.prompt, args.n_new, args.seed,
+                  args.temperature, args.top_k, args.top_p, args.impl)
+    return 0
+
+
+def cmd_eval(args):
+    from rt_numpy import train
+
+    state = train.load_checkpoint(args.checkpoint)
+    cfg, tcfg = state["cfg"], state["tcfg"]
+    raw, sha = data.load_corpus(tcfg.corpus)
+    splits = data.split(raw)
+    for name in ("val", "test"):
+        result = train.evaluate(state["params"], state["kmeans_states"], cfg, splits[name],
+                                batch_size=tcfg.batch_size, max_batches=args.max_batches, impl=args.impl)
+        print(f"{name}: {result['bits_per_byte']:.4f} bits/byte ({result['cross_entropy']:.4f} nats)")
+    print(f"corpus {tcfg.corpus!r} sha256 {sha}; checkpoint step {state['step']}")
+    return 0
 
 
 def _clustered_points(rng, batch, heads, length, dim, centers):
-    """Unit-ish vectors scattered around ``centers`` (H, K, D): returns (B, H, T, D) and labels."""
+    """Vectors scattered around ``centers`` (H, K, D): returns (B, H, T, D)."""
     H, K, D = centers.shape
     labels = rng.integers(0, K, size=(batch, heads, length))  # (B, H, T)
     heads_idx = np.arange(H)[None, :, None]
-    x = centers[heads_idx, labels] + 0.35 * rng.standard_normal((batch, heads, length, dim))  # (B, H, T, D)
-    return x, labels
+    return centers[heads_idx, labels] + 0.35 * rng.standard_normal((batch, heads, length, dim))  # (B, H, T, D)
 
 
-def demo(args) -> int:
+def cmd_kmeans_demo(args):
     """Online k-means on a stream of batches; prints the loss and how many hidden directions were found."""
     rng = np.random.default_rng(args.seed)
     H, K, D, B, T = args.heads, args.clusters, args.dim, args.batch, args.length
@@ -36,8 +110,7 @@ def demo(args) -> int:
           f"decay={args.decay}, impl={impl}")
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        x, _ = _clustered_points(rng, B, H, T, D, centers)
-        points = kmeans.normalize(x.astype(np.float32), args.norm)
+        points = kmeans.normalize(_clustered_points(rng, B, H, T, D, centers).astype(np.float32), args.norm)
         loss = kmeans.commitment_loss(points, state["means"], commitment=1.0)
         state, stats = kmeans.kmeans_step(state, points, decay=args.decay, norm=args.norm, impl=impl)
         if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
@@ -45,10 +118,8 @@ def demo(args) -> int:
             print(f"step {step:5d}  mean squared distance to nearest centroid {float(loss):.4f}  "
                   f"clusters in use {used}/{H * K}")
     elapsed = time.perf_counter() - start
-    # How well did the centroids find the hidden directions?  Cosine of each hidden
-    # direction with its best centroid.
     found = kmeans.normalize(state["means"].astype(np.float64), "l2")  # (H, K, D)
-    cos = np.einsum("hkd,hjd->hkj", centers, found).max(axis=-1)  # (H, K)
+    cos = np.einsum("hkd,hjd->hkj", centers, found).max(axis=-1)  # (H, K): best centroid per direction
     print(f"hidden directions recovered (cosine > 0.9): {int((cos > 0.9).sum())}/{H * K}; "
           f"median cosine {np.median(cos):.3f}")
     print(f"{args.steps} steps in {elapsed:.2f} s ({args.steps * B * T * H / elapsed:,.0f} points/s)")
@@ -56,9 +127,51 @@ def demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="rt_numpy", description=__doc__.splitlines()[0])
+    from rt_numpy import train
+
+    parser = argparse.ArgumentParser(prog="rt_numpy", description="rt_numpy: the Routing Transformer in NumPy")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="the main job: online k-means on clustered vectors")
+
+    def training_args(p, preset):
+        p.add_argument("--preset", choices=sorted(train.PRESETS), default=preset)
+        p.add_argument("--steps", type=int, help="override the preset's number of steps")
+        p.add_argument("--batch-size", dest="batch_size", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--corpus", choices=data.CORPORA)
+        p.add_argument("--time-limit", dest="time_limit", type=float, help="seconds (0: none)")
+        p.add_argument("--out", default="runs/" + preset, help="checkpoint and loss-plot directory")
+        p.add_argument("--resume", help="checkpoint to continue from")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--impl", choices=backend.IMPLS, default="auto")
+
+    p = sub.add_parser("demo", help="the main job: train the small preset, report bits/byte, print a sample")
+    training_args(p, "small")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--n-new", dest="n_new", type=int, default=300)
+    p.set_defaults(func=lambda a: cmd_train(a, demo=True))
+
+    p = sub.add_parser("train", help="train a preset")
+    training_args(p, "tiny")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, helptext in (("sample", cmd_sample, "generate text from a checkpoint"),
+                                 ("eval", cmd_eval, "held-out bits per byte of a checkpoint")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("checkpoint", help="path of checkpoint (with or without .npz/.json)")
+        p.add_argument("--impl", choices=backend.IMPLS, default="auto")
+        if name == "sample":
+            p.add_argument("--prompt", default="def ")
+            p.add_argument("--n-new", dest="n_new", type=int, default=300)
+            p.add_argument("--temperature", type=float, default=0.8)
+            p.add_argument("--top-k", dest="top_k", type=int)
+            p.add_argument("--top-p", dest="top_p", type=float)
+            p.add_argument("--seed", type=int, default=0)
+        else:
+            p.add_argument("--max-batches", dest="max_batches", type=int, default=None)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("kmeans-demo", help="online k-means on clustered vectors")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--clusters", type=int, default=16)
@@ -69,7 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--norm", choices=kmeans.NORMS, default="ln")
     p.add_argument("--impl", choices=backend.IMPLS, default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=demo)
+    p.set_defaults(func=cmd_kmeans_demo)
+
     args = parser.parse_args(argv)
     return args.func(args)
 
