@@ -47,7 +47,7 @@ CORPORA = ("python", "enwik")
 # packages, test suites (their data files are machine-generated noise), bytecode, and
 # pydoc_data, whose topics.py holds the same prose that the corpus already starts with.
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
-                            "__pycache__", "pydoc_data"})
+                            "__pycache__", "pydoc_data", "encodings"})
 
 ENWIK_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 """Name of the Wikipedia dump inside ``gensim/test/test_data`` (checked in gensim 4.4.0)."""
@@ -116,7 +116,8 @@ def python_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, str]:
     2. every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``, sorted by relative
        POSIX path, each as ``"# file: {path}\\n{source}\\n"``.  Directories named
        ``site-packages``, ``dist-packages``, ``test``, ``tests``, ``idle_test``,
-       ``__pycache__`` and ``pydoc_data`` are skipped, and so is any file that is not
+       ``__pycache__``, ``pydoc_data`` and ``encodings`` (1.4 MB of generated
+       character-map tables, not text to learn) are skipped, and so is any file that is not
        valid UTF-8.
 
     Records are appended whole until the next one would exceed ``max_bytes``; the

@@ -91,15 +91,17 @@ class Config:
             if not isinstance(value, str) or value not in options:
                 raise ValueError(f"{name} must be one of {options}, got {value!r}")
         if self.pos_encoding == "rotary" and self.head_dim % 2:
-            raise ValueError(f"rotary positions need an even head dim, got width/n_heads = {self.head_dim}")
+            raise ValueError(f"pos_encoding='rotary' needs an even head dim, got width/n_heads = "
+                             f"{self.width}/{self.n_heads} = {self.head_dim}")
         for name in ("shared_qk", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _real_in("dropout", self.dropout, 0.0, 1.0, closed_high=False)
         _real_in("ema_decay", self.ema_decay, 0.0, 1.0, closed_high=False)
-        _real_in("commitment", self.commitment, 0.0, math.inf)
-        if not isinstance(self.combine_eps, numbers.Real) or not self.combine_eps > 0:
-            raise ValueError(f"combine_eps must be a positive number, got {self.combine_eps!r}")
+        _real_in("commitment", self.commitment, 0.0, math.inf, closed_high=False)  # attention refuses inf
+        if isinstance(self.combine_eps, bool) or not isinstance(self.combine_eps, numbers.Real) \
+                or not 0 < self.combine_eps < math.inf:
+            raise ValueError(f"combine_eps must be a positive finite number, got {self.combine_eps!r}")
 
     @property
     def head_dim(self):
@@ -252,6 +254,14 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto"):
         raise ValueError(f"ids must have 1 <= T <= seq_len={cfg.seq_len}, got T={T}")
     if T % cfg.block_size:
         raise ValueError(f"T={T} must be a multiple of block_size={cfg.block_size}")
+    if ids_v.size and (int(ids_v.min()) < 0 or int(ids_v.max()) >= cfg.vocab_size):
+        raise ValueError(f"ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
+                         f"[{int(ids_v.min())}, {int(ids_v.max())}]")
+    missing = [f"h{i}" for i in range(cfg.n_layers) if cfg.is_routing_layer(i)
+               and not (isinstance(kmeans_states, dict) and f"h{i}" in kmeans_states)]
+    if missing:
+        raise ValueError(f"kmeans_states has no state for routing layers {missing}: "
+                         f"create it with init_kmeans(cfg, rng)")
     C, H, D = cfg.width, cfg.n_heads, cfg.head_dim
     xp = backend.get_array_module(getval(params["wte"]))
     x = ops.reshape(ops.gather_rows(params["wte"], xp.reshape(xp.asarray(ids_v), (-1,))), (B, T, C))  # (B, T, C)
