@@ -15,7 +15,7 @@ Routing is shared-QK everywhere (every released LM config); "forward+backward"
 is the gradient of ``sum(out * g)`` (plus the commitment loss) with respect to
 q and v.  NumPy and torch are timed in separate phases (their thread pools
 interfere when interleaved).  Peak memory is the growth of the process's
-maximum resident set while one forward+backward runs, each in a fresh process.
+peak resident set (VmHWM) while one forward+backward runs, each in a fresh process.
 The growth exponent is the least-squares slope of log(ms) against log(T) over
 T = 2048 ... 16384.
 """
@@ -134,10 +134,14 @@ import attention as b
 maker, kind = b.IMPLS[{impl!r}]
 maker(kind, {H}, 64, True)()          # compile / warm up on a small size
 run = maker(kind, {H}, {T}, True)     # inputs allocated before the baseline
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def high_water_kib():  # VmHWM: this process's peak resident set (ru_maxrss can carry the parent's)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = high_water_kib()
 run()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024)
+print((high_water_kib() - before) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
