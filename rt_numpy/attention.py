@@ -530,7 +530,8 @@ def cluster_attention_fused(q, k, v, query_windows, key_windows, scale, last_res
     from rt_numpy.kernels import numba_routing
 
     return numba_routing.forward(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
-                                 np.ascontiguousarray(query_windows), np.ascontiguousarray(key_windows),
+                                 np.ascontiguousarray(query_windows, dtype=np.int64),
+                                 np.ascontiguousarray(key_windows, dtype=np.int64),
                                  float(scale), bool(last_resort), float(eps))
 
 
@@ -541,10 +542,11 @@ def _cluster_attention_fused_vjp(argnums, ans, args, kwargs):
     q, k, v, query_windows, key_windows, scale, last_resort, eps = args
 
     def vjp(g):
+        # g can arrive in float64 for a float32 output (a loss mixing in float64 constants).
         dq, dk, dv = numba_routing.backward(
-            np.ascontiguousarray(g), np.ascontiguousarray(q), np.ascontiguousarray(k),
-            np.ascontiguousarray(v), np.ascontiguousarray(query_windows),
-            np.ascontiguousarray(key_windows), float(scale), bool(last_resort), float(eps))
+            np.ascontiguousarray(g, dtype=ans.dtype), np.ascontiguousarray(q), np.ascontiguousarray(k),
+            np.ascontiguousarray(v), np.ascontiguousarray(query_windows, dtype=np.int64),
+            np.ascontiguousarray(key_windows, dtype=np.int64), float(scale), bool(last_resort), float(eps))
         return tuple((dq, dk, dv)[i] for i in argnums)
 
     return vjp
