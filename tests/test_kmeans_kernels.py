@@ -182,7 +182,7 @@ def test_tile_boundaries(dtype):
     K, itemsize = 64, np.dtype(dtype).itemsize
     rows = numba_kmeans.tile_rows(K, itemsize)
     assert 64 <= rows <= 4096
-    assert numba_kmeans.tile_rows(1, 4) == 4096 and numba_kmeans.tile_rows(10**6, 8) == 64
+    assert numba_kmeans.tile_rows(1, 4) == 4096 and numba_kmeans.tile_rows(10**6, 8) == 256
     for T in (rows - 1, rows, rows + 1, 2 * rows + 1):
         points, means = _data(1, 1, T, 4, K, dtype, seed=T)
         _assert_stats_match(points, means)

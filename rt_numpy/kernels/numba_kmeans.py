@@ -6,9 +6,9 @@ Two kernels, each computing exactly what a reference function in
 * :func:`assign_and_stats` - nearest centroid of every point plus the
   per-cluster sums and counts, in one pass over the points.  The points are
   taken a tile at a time: the tile's similarities ``(P, K)`` come from one BLAS
-  matrix product and stay in cache while a compiled loop takes the argmax and
-  adds the point to its cluster's sum.  The full ``(N, K)`` similarity matrix
-  of the reference path is never built.
+  matrix product and stay in cache while NumPy's vectorised argmax picks each
+  point's cluster and a compiled loop adds the point to its cluster's sum.  The
+  full ``(N, K)`` similarity matrix of the reference path is never built.
 * :func:`top_w_positions` - the ``W`` most similar positions of every cluster,
   sorted by position, ties broken towards the lower position.  Instead of
   sorting ``T`` scores per cluster it finds the ``W``-th largest score (a
@@ -22,35 +22,28 @@ kernels must agree with the reference to the last bit where they can.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(cache=True)
-def _argmax_accumulate(sims, x, assign_out, sums, counts):
-    """For each row: argmax of ``sims`` (first on ties), then add ``x`` to that sum.
+def _accumulate(assignments, x, sums, counts):
+    """Add every row of ``x`` to the sum of its cluster, in row order.
 
-    sims (P, K), x (P, D), assign_out (P,) int64, sums (K, D), counts (K,) int64.
-    ``assign_out``, ``sums`` and ``counts`` are written in place.
+    assignments (P,) int64, x (P, D), sums (K, D), counts (K,) int64; the last two
+    are written in place.
     """
-    P, K = sims.shape
-    D = x.shape[1]
+    P, D = x.shape
     for i in range(P):
-        best = 0
-        best_val = sims[i, 0]
-        for k in range(1, K):
-            if sims[i, k] > best_val:  # strict: the lowest index wins a tie
-                best = k
-                best_val = sims[i, k]
-        assign_out[i] = best
-        counts[best] += 1
+        c = assignments[i]
+        counts[c] += 1
         for d in range(D):
-            sums[best, d] += x[i, d]
+            sums[c, d] += x[i, d]
 
 
 def tile_rows(num_clusters: int, itemsize: int) -> int:
-    """Points per tile so that one tile of similarities is about 256 KiB."""
-    rows = (256 * 1024) // max(1, num_clusters * itemsize)
-    return int(min(4096, max(64, rows)))
+    """Points per tile so that one tile of similarities is about 1 MiB (one core's L2 here)."""
+    rows = (1024 * 1024) // max(1, num_clusters * itemsize)
+    return int(min(4096, max(256, rows)))
 
 
 def assign_and_stats(points, means):
@@ -66,6 +59,12 @@ def assign_and_stats(points, means):
     assignments : ndarray (B, H, T) int64
     sums : ndarray (H, K, D), dtype of points (summed over B and T in order)
     counts : ndarray (H, K) int64
+
+    Notes
+    -----
+    Per tile: one BLAS product for the similarities, NumPy's vectorised argmax
+    (the first maximum wins a tie, as in the reference), then a compiled loop
+    adds each point to its cluster's sum.  The tile never leaves the cache.
     """
     B, H, T, D = points.shape
     K = means.shape[1]
@@ -79,7 +78,9 @@ def assign_and_stats(points, means):
             for t0 in range(0, T, step):
                 x = np.ascontiguousarray(points[b, h, t0:t0 + step])  # (P, D)
                 sims = x @ means_t  # (P, D) @ (D, K) -> (P, K), stays in cache
-                _argmax_accumulate(sims, x, assignments[b, h, t0:t0 + step], sums[h], counts[h])
+                tile = sims.argmax(axis=1)  # (P,)
+                assignments[b, h, t0:t0 + step] = tile
+                _accumulate(tile, x, sums[h], counts[h])
     return assignments, sums, counts
 
 
@@ -169,19 +170,20 @@ def _top_w_of_row(row, W, out, sample, values, positions):
             j += 1
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def top_w_positions(scores, W):
     """Balanced top-W membership from cluster-major scores.
 
     scores (B, H, K, T) float -> members (B, H, K, W) int64, each row ascending.
+    Rows are independent, so they are shared among threads (``prange``); each
+    row's result depends on that row alone, so any thread count gives the same bits.
     """
     B, H, K, T = scores.shape
     members = np.empty((B, H, K, W), dtype=np.int64)
-    sample = np.empty(T, dtype=scores.dtype)
-    values = np.empty(T, dtype=scores.dtype)
-    positions = np.empty(T, dtype=np.int64)
-    for b in range(B):
-        for h in range(H):
-            for k in range(K):
-                _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
+    for row in prange(B * H * K):
+        b, h, k = row // (H * K), (row // K) % H, row % K
+        sample = np.empty(T, dtype=scores.dtype)  # scratch, one set per row
+        values = np.empty(T, dtype=scores.dtype)
+        positions = np.empty(T, dtype=np.int64)
+        _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
     return members

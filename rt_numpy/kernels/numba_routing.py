@@ -52,12 +52,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# Numba's OpenMP threads keep spinning after a parallel kernel returns and then
-# fight NumPy's BLAS threads for the cores: on 2 cores a BLAS call right after a
-# kernel was measured 100x slower.  The workqueue layer's threads sleep instead.
-# An explicit NUMBA_THREADING_LAYER setting is respected.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+# The threading layer (workqueue unless NUMBA_THREADING_LAYER is set) is chosen in
+# rt_numpy/kernels/__init__.py.
 
 SELF_LOGIT = -5e4  # the "last resort" self logit (SPEC.md 1.4), as in rt_numpy.attention
 
