@@ -160,6 +160,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (a smoke test)")
     parser.add_argument("--no-torch", action="store_true", help="leave out the torch anchors")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 1024 ... 16384)")
+    parser.add_argument("--heads", type=int, nargs="+", help="head counts (default 1 8)")
+    parser.add_argument("--impls", nargs="+", choices=list(IMPLS), help="implementations (default all)")
     args = parser.parse_args(argv)
     have_torch = False
     if not args.no_torch:
@@ -169,9 +172,11 @@ def main(argv=None):
             have_torch = True
         except ImportError:
             print("torch / routing_transformer not installed: no torch anchors")
-    Ts = [256, 512] if args.quick else [1024, 2048, 4096, 8192, 16384]
-    heads = [1, 2] if args.quick else [1, 8]
-    impls = [i for i in IMPLS if have_torch or i in ("rt_numpy-numba", "rt_numpy-ref", "numpy")]
+    Ts = args.T or ([256, 512] if args.quick else [1024, 2048, 4096, 8192, 16384])
+    heads = args.heads or ([1, 2] if args.quick else [1, 8])
+    impls = [i for i in (args.impls or IMPLS) if have_torch or i in ("rt_numpy-numba", "rt_numpy-ref", "numpy")]
+    if "rt_numpy-numba" not in impls:
+        impls.insert(0, "rt_numpy-numba")  # the ratio column needs it
     machine = machine_line()
     print(f"machine: {machine}")
     records, times = [], {}
@@ -196,7 +201,7 @@ def main(argv=None):
     memory = {}
     if not args.no_memory:
         for impl in impls:
-            for T in ([512] if args.quick else [4096, 16384]):
+            for T in ([512] if args.quick else [t for t in (4096, 16384) if t in Ts]):
                 if fits(impl, 1, T):
                     memory[impl, T] = peak_mib(impl, 1, T)
                     W, K = window_for(T)
