@@ -31,7 +31,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, median_ms, print_table, record, write_json  # noqa: E402
+from common import machine_line, median_ms, print_table, record, torch_anchors_available, write_json  # noqa: E402
 
 D = 64
 DENSE_MAX_ELEMENTS = 2**31  # skip dense attention whose (H, T, T) logits would not fit in memory
@@ -164,14 +164,7 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, nargs="+", help="head counts (default 1 8)")
     parser.add_argument("--impls", nargs="+", choices=list(IMPLS), help="implementations (default all)")
     args = parser.parse_args(argv)
-    have_torch = False
-    if not args.no_torch:
-        try:
-            import routing_transformer  # noqa: F401
-            import torch  # noqa: F401
-            have_torch = True
-        except ImportError:
-            print("torch / routing_transformer not installed: no torch anchors")
+    have_torch = torch_anchors_available(skip=args.no_torch)
     Ts = args.T or ([256, 512] if args.quick else [1024, 2048, 4096, 8192, 16384])
     heads = args.heads or ([1, 2] if args.quick else [1, 8])
     impls = [i for i in (args.impls or IMPLS) if have_torch or i in ("rt_numpy-numba", "rt_numpy-ref", "numpy")]

@@ -87,3 +87,16 @@ def write_json(path, records, machine):
         with open(path, "w") as f:
             json.dump(records, f, indent=1)
         print(f"wrote {len(records)} records to {path} ({machine})")
+
+
+def torch_anchors_available(skip=False):
+    """True when torch and the PyTorch port (routing_transformer) import; says so when they don't."""
+    if skip:
+        return False
+    try:
+        import routing_transformer  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        print("torch / routing_transformer not installed: no torch anchors")
+        return False
+    return True

@@ -51,7 +51,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, median_ms, print_table, record, write_json  # noqa: E402
+from common import machine_line, median_ms, print_table, record, torch_anchors_available, write_json  # noqa: E402
 
 V, LAYERS, HEADS, LOCAL_HEADS = 256, 2, 8, 4
 FULL = {"C": 512, "W": 128, "Ts": [1024, 8192]}
@@ -204,14 +204,7 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch port")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     args = parser.parse_args(argv)
-    have_torch = False
-    if not args.no_torch:
-        try:
-            import routing_transformer  # noqa: F401
-            import torch  # noqa: F401
-            have_torch = True
-        except ImportError:
-            print("torch / routing_transformer not installed: no port anchor")
+    have_torch = torch_anchors_available(skip=args.no_torch)
     sizes = QUICK if args.quick else FULL
     C, W, Ts = sizes["C"], sizes["W"], sizes["Ts"]
     impls = [i for i in IMPLS if have_torch or i != PORT]
