@@ -21,7 +21,6 @@ T = 2048 ... 16384.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, median_ms, print_table, record, torch_anchors_available, write_json  # noqa: E402
+from common import bench_parser, machine_line, median_ms, print_table, record, torch_anchors_available, write_json  # noqa: E402
 
 D = 64
 DENSE_MAX_ELEMENTS = 2**31  # skip dense attention whose (H, T, T) logits would not fit in memory
@@ -52,7 +51,6 @@ def inputs(H, T, seed=0):
 def ours(kind, H, T, backward):
     """A function running one forward (and backward) of ours; kind: 'numba', 'ref' or 'dense'."""
     import autograd
-    import autograd.numpy as anp
 
     from rt_numpy import attention, kmeans, ops
 
@@ -69,7 +67,6 @@ def ours(kind, H, T, backward):
     if not backward:
         return lambda: forward(q, v)
     both = autograd.grad(lambda qv: forward(qv[0], qv[1]))
-    del anp
     return lambda: both((q, v))
 
 
@@ -155,11 +152,7 @@ def growth_exponent(ts, ms):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON records")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (a smoke test)")
-    parser.add_argument("--no-torch", action="store_true", help="leave out the torch anchors")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser = bench_parser(__doc__, torch_and_memory=True)
     parser.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 1024 ... 16384)")
     parser.add_argument("--heads", type=int, nargs="+", help="head counts (default 1 8)")
     parser.add_argument("--impls", nargs="+", choices=list(IMPLS), help="implementations (default all)")

@@ -100,3 +100,16 @@ def torch_anchors_available(skip=False):
         print("torch / routing_transformer not installed: no torch anchors")
         return False
     return True
+
+
+def bench_parser(doc, quick_help="tiny sizes, few repeats (a smoke test)", torch_and_memory=False):
+    """The options every bench script shares: ``--json PATH``, ``--quick`` (and ``--no-torch``, ``--no-memory``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON records")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if torch_and_memory:
+        parser.add_argument("--no-torch", action="store_true", help="leave out the torch anchors")
+        parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    return parser

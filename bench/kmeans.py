@@ -12,14 +12,13 @@ never interleaved.  Figures are medians.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, matmul_peak_gflops, median_ms, print_table, record, write_json  # noqa: E402
+from common import bench_parser, machine_line, matmul_peak_gflops, median_ms, print_table, record, write_json  # noqa: E402
 
 from rt_numpy import kmeans  # noqa: E402
 from rt_numpy.kernels import numba_kmeans  # noqa: E402
@@ -83,9 +82,7 @@ def bench_top_w(t, k, w, repeats, records):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON records")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (a smoke test)")
+    parser = bench_parser(__doc__)
     args = parser.parse_args(argv)
     records = []
     machine = machine_line()

@@ -42,7 +42,6 @@ first at T: it includes the lazy k-means initialisation and AdamW's state).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -51,7 +50,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, median_ms, print_table, record, torch_anchors_available, write_json  # noqa: E402
+from common import bench_parser, machine_line, median_ms, print_table, record, torch_anchors_available, write_json  # noqa: E402
 
 V, LAYERS, HEADS, LOCAL_HEADS = 256, 2, 8, 4
 FULL = {"C": 512, "W": 128, "Ts": [1024, 8192]}
@@ -198,11 +197,7 @@ def check_port_kmeans(step):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON records")
-    parser.add_argument("--quick", action="store_true", help="T=256, width 128, 2 steps (a smoke test)")
-    parser.add_argument("--no-torch", action="store_true", help="leave out the PyTorch port")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser = bench_parser(__doc__, "T=256, width 128, 2 steps (a smoke test)", torch_and_memory=True)
     args = parser.parse_args(argv)
     have_torch = torch_anchors_available(skip=args.no_torch)
     sizes = QUICK if args.quick else FULL

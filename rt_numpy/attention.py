@@ -265,7 +265,9 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
     qn = kmeans.normalize(q, norm)  # (B, H, T, D)
     kn = qn if shared_qk else kmeans.normalize(k, norm)
     streams = [qn] if shared_qk else [qn, kn]
-    stats = kmeans.cluster_stats([getval(x) for x in streams], mu, impl="ref" if impl == "ref" else "auto")
+    # The routing decisions use the k-means fast path unless the reference was asked for.
+    routing_impl = "ref" if impl == "ref" else "auto"
+    stats = kmeans.cluster_stats([getval(x) for x in streams], mu, impl=routing_impl)
 
     # 2. Commitment loss, from the start-of-step assignments.
     errors = [_commitment_error(x, mu, a) for x, a in zip(streams, stats["assignments"])]
@@ -288,9 +290,8 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         out = _nearest_attention(q_logit, k_logit, v, stats["assignments"], logit_scale, self_attend, eps,
                                  mem_kv)
         return out, loss, stats
-    query_windows = kmeans.balanced_membership(getval(qn), mu, W, impl="ref" if impl == "ref" else "auto")
-    key_windows = query_windows if shared_qk else kmeans.balanced_membership(
-        getval(kn), mu, W, impl="ref" if impl == "ref" else "auto")  # (B, H, K, W)
+    query_windows = kmeans.balanced_membership(getval(qn), mu, W, impl=routing_impl)  # (B, H, K, W)
+    key_windows = query_windows if shared_qk else kmeans.balanced_membership(getval(kn), mu, W, impl=routing_impl)
     xp = backend.get_array_module(getval(q))
     run = backend.resolve_impl(impl, xp)
     if run == "numba" and mem_kv is None:

@@ -466,9 +466,8 @@ def kmeans_step(state, points, *, update="ema", decay=0.999, eps=1e-5, norm="ln"
     ``points`` are normalised, one array (B, H, T, D) or a list of streams.
     Returns ``(new_state, stats)``.
     """
-    means = state["means"] if isinstance(state, dict) and "means" in state else None
     check_state(state)
-    stats = cluster_stats(points, means, impl=impl)
+    stats = cluster_stats(points, state["means"], impl=impl)
     return update_state(state, stats, update=update, decay=decay, eps=eps, norm=norm), stats
 
 

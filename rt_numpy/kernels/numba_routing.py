@@ -74,20 +74,6 @@ def _count_at_or_before(window, position):
 
 
 @njit(cache=True)
-def _count_before(window, position):
-    """How many entries of the ascending ``window`` are < ``position`` (binary search)."""
-    lo = 0
-    hi = window.shape[0]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if window[mid] < position:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-@njit(cache=True)
 def _gather_transposed(x, window, out):
     """``out[d, s] = x[window[s], d]``: x (T, D), window (W,) -> out (D, W)."""
     D = x.shape[1]
@@ -313,7 +299,7 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
         dv_row = dv_out[s]
         dk_row[:] = 0
         dv_row[:] = 0
-        first = _count_before(query_window, key_window[s])  # the queries that see key s: [first, W)
+        first = _count_at_or_before(query_window, key_window[s] - 1)  # queries that see key s: [first, W)
         _add_weighted_rows(dlogits_t[s], q, query_window, first, W, dk_row)  # (W,) @ (W, D) -> (D,)
         _add_weighted_rows(probs_t[s], g, query_window, first, W, dv_row)
 
