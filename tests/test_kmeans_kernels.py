@@ -276,4 +276,3 @@ def test_kth_largest(dtype):
                 a = values.copy()
                 assert numba_kmeans._kth_largest(a, n, kth) == np.sort(values)[::-1][kth - 1]
                 np.testing.assert_array_equal(np.sort(a), np.sort(values))  # only reordered
-
