@@ -172,7 +172,7 @@ def state_from_means(means):
 
 
 def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None, norm="ln",
-               lloyd_iters=10, dtype=None, impl="auto"):
+               lloyd_iters=10, dtype=None, impl="auto", picks=None):
     """Initial k-means state for ``num_heads`` heads of ``num_clusters`` centroids.
 
     Parameters
@@ -196,6 +196,11 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
         Default: the dtype of ``points`` with ``init="data"``, float32 otherwise.
     impl : {"auto", "ref", "numba"}
         Implementation of the Lloyd assignments.
+    picks : int array (K,), optional
+        With ``init="data"``: the starting tokens, as indices into the points
+        flattened over (B, T), instead of K distinct indices drawn with ``rng``.
+        Lets you replay another implementation's draw (the PyTorch port's
+        ``torch.randperm``; see :mod:`rt_numpy.crosscheck`).
 
     Returns
     -------
@@ -236,7 +241,12 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
     if K > B * T:
         raise ValueError(f"num_clusters={K} is larger than the number of points B*T={B * T}")
     flat = x.transpose(1, 0, 2, 3).reshape(H, B * T, D)  # (B, H, T, D) -> (H, B*T, D)
-    picks = rng.choice(B * T, size=K, replace=False)  # the same tokens for every head
+    if picks is None:
+        picks = rng.choice(B * T, size=K, replace=False)  # the same tokens for every head
+    else:
+        picks = np.asarray(picks)
+        if picks.shape != (K,) or picks.dtype.kind not in "iu" or not bool(((picks >= 0) & (picks < B * T)).all()):
+            raise ValueError(f"picks must be {K} integer indices in [0, B*T={B * T}), got {picks!r}")
     means = flat[:, picks].copy()  # (H, K, D)
     for _ in range(lloyd_iters):
         stats = cluster_stats(x, means, impl=impl)

@@ -1,0 +1,363 @@
+"""Cross-checking another implementation of routing attention against rt_numpy.
+
+Give :func:`reference` the inputs of one routing-attention call - q, k, v
+(B, H, T, D), the centroids (H, K, D), the options and an upstream gradient -
+and it returns, as a flat dict of NumPy arrays with the names of :data:`NAMES`,
+everything a framework author wants to compare: the output, the cluster
+windows, the nearest-centroid assignments, the commitment loss, the centroids
+after one k-means update and the gradients.  :func:`save` and :func:`load`
+keep such a dict in an ``.npz`` file (no pickles), and :func:`compare` /
+:func:`assert_close` put your numbers beside ours, one line per array.
+
+Conventions (SPEC.md section 1): the defaults are the official code's;
+:func:`port_conventions` gives the options under which rt_numpy reproduces the
+PyTorch port (``routing-transformer`` 1.6.1).  docs/conventions.md lists every
+difference and the test that shows it; tutorials/04_crosscheck.py is the walk
+through.
+
+A typical check of your own implementation::
+
+    ref = crosscheck.reference(q, k, v, means, window_size=W, upstream=g,
+                               **crosscheck.port_conventions(shared_qk=True))
+    crosscheck.save("case.npz", ref)          # hand it to your framework's test
+    ...
+    mine = {"out": my_out, "commitment": my_loss, "grad_q": my_dq, ...}
+    crosscheck.assert_close(crosscheck.load("case.npz"), mine, rtol=1e-5)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+from autograd import grad
+
+from rt_numpy import attention, kmeans, ops
+
+FORMAT = "rt_numpy.crosscheck/1"  # stored in the options, so that a reader knows what it holds
+
+#: Every array :func:`reference` can return, with its shape and meaning.  S is the
+#: number of streams: 1 with shared QK (queries), 2 without (queries, then keys).
+NAMES = {
+    # inputs
+    "q": "(B, H, T, D) queries (also the keys with shared QK)",
+    "k": "(B, H, T, D) keys; separate QK only",
+    "v": "(B, H, T, D) values",
+    "means": "(H, K, D) centroids at the start of the step",
+    "state_counts": "(H, K) k-means EMA counts before the update (zeros for a fresh state)",
+    "state_sums": "(H, K, D) k-means EMA sums before the update (the means for a fresh state)",
+    "upstream": "(B, H, T, D) upstream gradient dL/d(out)",
+    "mem_k": "(H, K, D) memory key per head and cluster; only with mem_kv",
+    "mem_v": "(H, K, D) memory value per head and cluster; only with mem_kv",
+    # routing decisions (int64)
+    "assignments": "(S, B, H, T) nearest centroid of each normalised query (and key)",
+    "query_windows": "(B, H, K, W) positions of each cluster's queries, ascending; balanced membership only",
+    "key_windows": "(B, H, K, W) positions of each cluster's keys, ascending; balanced membership, separate QK",
+    "cluster_counts": "(S, H, K) how many points each cluster received, per stream",
+    "cluster_sums": "(S, H, K, D) sum of the normalised points each cluster received, per stream",
+    # forward
+    "out": "(B, H, T, D) routing attention output",
+    "commitment": "() commitment loss (already multiplied by beta)",
+    # k-means update
+    "new_means": "(H, K, D) centroids after one update from this step's statistics",
+    "new_counts": "(H, K) EMA counts after the update",
+    "new_sums": "(H, K, D) EMA sums after the update",
+    # backward
+    "grad_q": "(B, H, T, D) d sum(upstream * out) / dq (with shared QK: through queries and keys)",
+    "grad_k": "(B, H, T, D) d sum(upstream * out) / dk; separate QK only",
+    "grad_v": "(B, H, T, D) d sum(upstream * out) / dv",
+    "grad_mem_k": "(H, K, D) d sum(upstream * out) / d mem_k; only with mem_kv",
+    "grad_mem_v": "(H, K, D) d sum(upstream * out) / d mem_v; only with mem_kv",
+    "commitment_grad_q": "(B, H, T, D) d commitment / dq",
+    "commitment_grad_k": "(B, H, T, D) d commitment / dk; separate QK only",
+    # metadata
+    "options": "() str: JSON of the options (and the format name)",
+}
+_ALWAYS = ("q", "v", "means", "state_counts", "state_sums", "upstream", "assignments", "cluster_counts",
+           "cluster_sums", "out", "commitment", "new_means", "new_counts", "new_sums", "grad_q", "grad_v",
+           "commitment_grad_q", "options")
+_WINDOWS = ("query_windows", "key_windows")  # compared as sets: the order inside a window is a convention
+
+
+def official_conventions():
+    """The options of the official TensorFlow code, rt_numpy's defaults (SPEC.md section 1).
+
+    Returns a dict of keyword arguments for :func:`reference`.
+    """
+    return {"norm": "ln", "logits": "normalized", "self_attend": "allow", "eps": 1e-2, "commitment": 1e-4,
+            "combine": "sum", "update": "ema", "decay": 0.999, "update_eps": 1e-5}
+
+
+def port_conventions(shared_qk=True):
+    """The options under which rt_numpy reproduces the PyTorch port's ``KmeansAttention``.
+
+    Parameters
+    ----------
+    shared_qk : bool
+        The port's self-token rule exists only with shared QK.
+
+    Returns
+    -------
+    dict
+        Keyword arguments for :func:`reference` (and, but for ``update`` and
+        ``decay``, for :func:`rt_numpy.attention.routing_attention`).  With
+        separate QK and a causal port module, also pass its memory key/value
+        as ``mem_kv=(mem_key[:, :, 0], mem_value[:, :, 0])``.
+
+    Notes
+    -----
+    SPEC.md section 1: L2 normalisation, raw queries against L2-normalised
+    (shared QK) or raw keys divided by sqrt(D), the -5e4 self logit with
+    shared QK, scatter-mean eps 1e-5, one mean over queries and keys in the
+    commitment loss, the spherical centroid update.
+    """
+    return {"norm": "l2", "logits": "scaled", "self_attend": "last_resort" if shared_qk else "allow",
+            "eps": 1e-5, "commitment": 1e-4, "combine": "mean", "update": "spherical", "decay": 0.999,
+            "update_eps": 1e-5}
+
+
+# --------------------------------------------------------------------------- the reference
+def reference(q, k, v, means, *, window_size=None, upstream, shared_qk=True, norm="ln", logits="normalized",
+              membership="balanced", self_attend="allow", eps=1e-2, commitment=1e-4, combine="sum",
+              mem_kv=None, update="ema", decay=0.999, update_eps=1e-5, state=None):
+    """Everything one routing-attention step computes, on rt_numpy's reference path.
+
+    Parameters
+    ----------
+    q, k, v : float array (B, H, T, D)
+        With ``shared_qk=True`` the keys are the queries: pass ``k=None`` (or q).
+    means : float array (H, K, D)
+        Centroids, same dtype as q.
+    window_size : int
+        W (``membership="balanced"``).
+    upstream : float array (B, H, T, D)
+        The gradient arriving at the output; the gradients returned are those
+        of ``sum(upstream * out)``, and separately of the commitment loss.
+    shared_qk, norm, logits, membership, self_attend, eps, commitment, combine, mem_kv
+        As in :func:`rt_numpy.attention.routing_attention`.
+    update, decay, update_eps
+        The k-means update (:func:`rt_numpy.kmeans.update_state`'s ``update``,
+        ``decay`` and ``eps``), applied once to this step's statistics.
+    state : dict, optional
+        k-means state before the update; default: a fresh state around
+        ``means`` (:func:`rt_numpy.kmeans.state_from_means`).
+
+    Returns
+    -------
+    dict
+        NumPy arrays named as in :data:`NAMES` (only those that apply: no
+        ``k`` with shared QK, no windows with nearest membership, ...).
+        ``options`` holds the options as a JSON string.
+
+    Notes
+    -----
+    SPEC.md section 1 items 1-6 and 8.  Runs with ``impl="ref"``: the plain
+    array code, not the Numba kernels.  Routing decisions come from the
+    normalised queries (and keys) against ``means``, exactly as inside
+    :func:`rt_numpy.attention.routing_attention`.
+    """
+    if shared_qk:
+        k = q
+    B, H, T, D = attention._check_qkv(q, k, v)
+    upstream = _check_like("upstream", upstream, q)
+    options = {"window_size": window_size, "shared_qk": bool(shared_qk), "norm": norm, "logits": logits,
+               "membership": membership, "self_attend": self_attend, "eps": eps, "commitment": commitment,
+               "combine": combine}
+    kmeans._choice("update", update, kmeans.UPDATES)
+    state = kmeans.state_from_means(means) if state is None else state
+    kmeans.check_state(state)
+    if state["means"].shape != means.shape or not np.array_equal(state["means"], means):
+        raise ValueError("state['means'] must equal means (the centroids the step routes with)")
+
+    mem = tuple(mem_kv) if mem_kv is not None else ()
+
+    def run(q_, k_, v_, *mem_):
+        return attention.routing_attention(q_, k_, v_, means, mem_kv=mem_ or None, impl="ref", **options)
+
+    out, loss, stats = run(q, k, v, *mem)  # validates every option
+    xp_out = np.asarray(out)
+
+    def objective(*args):
+        o, _, _ = run(*args)
+        return ops.sum(ops.multiply(o, upstream))
+
+    def commitment_only(*args):
+        return run(*args)[1]
+
+    argnums = (0, 2) + (() if shared_qk else (1,)) + tuple(range(3, 3 + len(mem)))
+    grads = grad(objective, argnums)(q, k, v, *mem)
+    commitment_grads = grad(commitment_only, (0,) if shared_qk else (0, 1))(q, k, v, *mem)
+    new_state = kmeans.update_state(state, stats, update=update, decay=decay, eps=update_eps, norm=norm)
+
+    result = {"q": q, "v": v, "means": means, "state_counts": state["counts"], "state_sums": state["sums"],
+              "upstream": upstream, "assignments": stats["assignments"], "cluster_counts": stats["counts"],
+              "cluster_sums": stats["sums"], "out": xp_out, "commitment": np.asarray(loss, dtype=q.dtype),
+              "new_means": new_state["means"], "new_counts": new_state["counts"], "new_sums": new_state["sums"],
+              "grad_q": grads[0], "grad_v": grads[1], "commitment_grad_q": commitment_grads[0]}
+    if not shared_qk:
+        result.update(k=k, grad_k=grads[2], commitment_grad_k=commitment_grads[1])
+    if mem:
+        result.update(mem_k=mem[0], mem_v=mem[1], grad_mem_k=grads[-2], grad_mem_v=grads[-1])
+    if membership == "balanced":
+        qn = kmeans.normalize(q, norm)  # (B, H, T, D)
+        result["query_windows"] = kmeans.balanced_membership(qn, means, window_size, impl="ref")  # (B, H, K, W)
+        if not shared_qk:
+            result["key_windows"] = kmeans.balanced_membership(kmeans.normalize(k, norm), means, window_size,
+                                                               impl="ref")
+    options.update(update=update, decay=decay, update_eps=update_eps, mem_kv=bool(mem), format=FORMAT)
+    result["options"] = np.array(json.dumps(options, sort_keys=True))
+    return {name: np.array(value) for name, value in result.items()}
+
+
+def _check_like(name, x, like):
+    """A finite float array of the same shape and dtype as ``like``."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+    if x.shape != like.shape or x.dtype != like.dtype:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} and dtype {like.dtype}, "
+                         f"got {tuple(x.shape)} {x.dtype}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    return x
+
+
+# --------------------------------------------------------------------------- files
+def save(path, result):
+    """Write a :func:`reference` result to ``path`` (.npz), atomically.
+
+    The options are stored as a JSON string, so ``np.load(path,
+    allow_pickle=False)`` reads the file; :func:`load` also checks it.
+
+    Raises
+    ------
+    ValueError
+        A name not in :data:`NAMES`, a required name missing, or an array
+        that would need a pickle (object dtype).
+    """
+    _check_names(result, str(path))
+    for name, value in result.items():
+        if np.asarray(value).dtype.kind == "O":
+            raise ValueError(f"result[{name!r}] has dtype object, which .npz cannot hold without a pickle")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **result)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path):
+    """Read a file written by :func:`save`; returns the dict of arrays.
+
+    ``result["options"]`` stays a 0-d string array; :func:`options` decodes it.
+
+    Raises
+    ------
+    ValueError
+        The file is not a readable .npz, or names are missing or unknown.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            result = {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable crosscheck .npz file: {err}") from err
+    _check_names(result, str(path))
+    options(result)  # the options must decode
+    return result
+
+
+def options(result):
+    """The options of a :func:`reference` result (or a loaded file), as a dict."""
+    raw = result.get("options")
+    try:
+        decoded = json.loads(str(raw[()]))
+    except (TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"options must be a JSON string array, got {raw!r}") from err
+    if not isinstance(decoded, dict) or decoded.get("format") != FORMAT:
+        raise ValueError(f"options do not come from rt_numpy.crosscheck ({FORMAT}), got {decoded!r}")
+    return decoded
+
+
+def _check_names(result, where):
+    if not isinstance(result, dict):
+        raise TypeError(f"a crosscheck result must be a dict of arrays, got {type(result).__name__}")
+    unknown = sorted(set(result) - set(NAMES))
+    if unknown:
+        raise ValueError(f"{where}: unknown names {unknown}; known names are listed in rt_numpy.crosscheck.NAMES")
+    missing = [name for name in _ALWAYS if name not in result]
+    if "options" not in missing:
+        opts = options(result)
+        if not opts["shared_qk"]:
+            missing += [n for n in ("k", "grad_k", "commitment_grad_k") if n not in result]
+        if opts["membership"] == "balanced":
+            missing += [n for n in _WINDOWS[:1 if opts["shared_qk"] else 2] if n not in result]
+        if opts["mem_kv"]:
+            missing += [n for n in ("mem_k", "mem_v", "grad_mem_k", "grad_mem_v") if n not in result]
+    if missing:
+        raise ValueError(f"{where}: missing names {missing}")
+
+
+# --------------------------------------------------------------------------- comparing
+def compare(expected, actual):
+    """Errors of ``actual`` against ``expected``, for every name the two share.
+
+    Parameters
+    ----------
+    expected : dict
+        A :func:`reference` result (or a loaded file).
+    actual : dict
+        Your implementation's arrays under the same names (NumPy arrays, or
+        anything ``np.asarray`` takes); names you do not provide are skipped.
+
+    Returns
+    -------
+    dict name -> float
+        For float arrays, ``max |actual - expected| / max |expected|`` (an error
+        relative to the array's scale, so elements near zero do not blow it up);
+        for integer arrays, the fraction of entries that differ.  Windows are
+        compared as sets of positions (each window sorted first): the order
+        inside a window is a convention (the port keeps decreasing similarity).
+        A shape mismatch is an error of ``inf``.
+    """
+    errors = {}
+    for name in sorted(set(expected) & set(actual) - {"options"}):
+        e, a = np.asarray(expected[name]), np.asarray(actual[name])
+        if name in _WINDOWS:
+            e, a = np.sort(e, axis=-1), np.sort(a.reshape(e.shape) if a.size == e.size else a, axis=-1)
+        if e.shape != a.shape:
+            errors[name] = float("inf")
+        elif e.dtype.kind in "iub":
+            errors[name] = float(np.mean(e != a)) if e.size else 0.0
+        else:
+            a = a.astype(np.float64)
+            scale = float(np.max(np.abs(e))) if e.size else 0.0
+            diff = float(np.max(np.abs(a - e))) if e.size else 0.0
+            errors[name] = diff / scale if scale > 0 else diff
+    return errors
+
+
+def assert_close(expected, actual, *, rtol, names=None):
+    """Raise AssertionError listing every array whose :func:`compare` error exceeds ``rtol``.
+
+    ``names``: the names that must be present in ``actual`` (default: those it has).
+    Integer arrays (windows, assignments) must match exactly.  Returns the errors.
+    """
+    missing = [n for n in (names or ()) if n not in actual]
+    if missing:
+        raise AssertionError(f"actual has no {missing}")
+    errors = compare(expected, actual)
+    if names is not None:
+        errors = {n: errors[n] for n in names}
+    bad = {n: e for n, e in errors.items()
+           if e > (0 if np.asarray(expected[n]).dtype.kind in "iub" else rtol)}
+    if bad:
+        lines = "\n".join(f"  {n}: {e:.3g}" for n, e in sorted(bad.items()))
+        raise AssertionError(f"{len(bad)} of {len(errors)} arrays differ beyond rtol={rtol}:\n{lines}")
+    return errors
