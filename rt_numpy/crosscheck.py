@@ -349,9 +349,10 @@ def assert_close(expected, actual, *, rtol, names=None):
     ``names``: the names that must be present in ``actual`` (default: those it has).
     Integer arrays (windows, assignments) must match exactly.  Returns the errors.
     """
-    missing = [n for n in (names or ()) if n not in actual]
-    if missing:
-        raise AssertionError(f"actual has no {missing}")
+    for side, arrays in (("actual", actual), ("expected", expected)):
+        missing = [n for n in (names or ()) if n not in arrays]
+        if missing:
+            raise AssertionError(f"{side} has no {missing}")
     errors = compare(expected, actual)
     if names is not None:
         errors = {n: errors[n] for n in names}

@@ -171,6 +171,8 @@ def test_compare_windows_as_sets_and_detects_changes():
     assert crosscheck.compare(result, {"out": result["out"][0]})["out"] == float("inf")
     with pytest.raises(AssertionError, match=r"actual has no \['grad_q'\]"):
         crosscheck.assert_close(result, theirs, rtol=1e-3, names=["grad_q"])
+    with pytest.raises(AssertionError, match=r"expected has no \['k'\]"):
+        crosscheck.assert_close(_case(8)[0], {"k": result["k"]}, rtol=1e-3, names=["k"])
 
 
 # ------------------------------------------------------------------------------ 4. bad input
