@@ -48,7 +48,7 @@ def cmd_train(args, demo=False):
     print(f"model: {cfg}")
     print(f"training: {tcfg}")
     result = train.train(cfg, tcfg, out_dir=args.out, resume=args.resume, impl=args.impl,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, device=args.device)
     if result["sha256"]:
         print(f"corpus {tcfg.corpus!r}: sha256 {result['sha256']}")
     val = result["val"]
@@ -71,7 +71,8 @@ def cmd_sample(args):
     from rt_numpy import train
 
     state = train.load_checkpoint(args.checkpoint)
-    _print_sample(state["params"], state["cfg"], state["kmeans_states"], args.prompt, args.n_new, args.seed,
+    params, kmeans_states = backend.to_device((state["params"], state["kmeans_states"]), args.device)
+    _print_sample(params, state["cfg"], kmeans_states, args.prompt, args.n_new, args.seed,
                   args.temperature, args.top_k, args.top_p, args.impl)
     return 0
 
@@ -83,8 +84,9 @@ def cmd_eval(args):
     cfg, tcfg = state["cfg"], state["tcfg"]
     raw, sha = data.load_corpus(tcfg.corpus)
     splits = data.split(raw)
+    params, kmeans_states = backend.to_device((state["params"], state["kmeans_states"]), args.device)
     for name in ("val", "test"):
-        result = train.evaluate(state["params"], state["kmeans_states"], cfg, splits[name],
+        result = train.evaluate(params, kmeans_states, cfg, splits[name],
                                 batch_size=tcfg.batch_size, max_batches=args.max_batches, impl=args.impl)
         print(f"{name}: {result['bits_per_byte']:.4f} bits/byte ({result['cross_entropy']:.4f} nats)")
     print(f"corpus {tcfg.corpus!r} sha256 {sha}; checkpoint step {state['step']}")
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
         p.add_argument("--resume", help="checkpoint to continue from")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--impl", choices=backend.IMPLS, default="auto")
+        p.add_argument("--device", choices=backend.DEVICES, default="cpu",
+                       help="gpu: CuPy arrays on an NVIDIA GPU (pip install 'rt_numpy[gpu]')")
 
     p = sub.add_parser("demo", help="the main job: train the small preset, report bits/byte, print a sample")
     training_args(p, "small")
@@ -160,6 +164,7 @@ def main(argv=None) -> int:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("checkpoint", help="path of checkpoint (with or without .npz/.json)")
         p.add_argument("--impl", choices=backend.IMPLS, default="auto")
+        p.add_argument("--device", choices=backend.DEVICES, default="cpu")
         if name == "sample":
             p.add_argument("--prompt", default="def ")
             p.add_argument("--n-new", dest="n_new", type=int, default=300)
@@ -185,6 +190,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_kmeans_demo)
 
     args = parser.parse_args(argv)
+    if getattr(args, "device", "cpu") == "gpu":
+        try:
+            backend.require_gpu()
+        except RuntimeError as e:
+            parser.error(str(e))  # exit status 2, with the reason
     return args.func(args)
 
 

@@ -203,10 +203,10 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         One learned memory key/value per head and cluster, prepended to every
         key window and always visible (the port's separate-QK causal setup).
         With ``membership="nearest"`` a query sees its own cluster's memory.
-    impl : {"auto", "ref", "numba"}
-        ``"numba"``: fused forward/backward kernels for the attention inside the
-        clusters (balanced membership, no ``mem_kv``); ``"auto"`` uses them when
-        they apply.
+    impl : {"auto", "ref", "numba", "cupy"}
+        ``"numba"`` (NumPy arrays) or ``"cupy"`` (CuPy arrays): fused
+        forward/backward kernels for the attention inside the clusters
+        (balanced membership, no ``mem_kv``); ``"auto"`` uses them when they apply.
 
     Returns
     -------
@@ -294,7 +294,7 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
     key_windows = query_windows if shared_qk else kmeans.balanced_membership(getval(kn), mu, W, impl=routing_impl)
     xp = backend.get_array_module(getval(q))
     run = backend.resolve_impl(impl, xp)
-    if run == "numba" and mem_kv is None:
+    if run in ("numba", "cupy") and mem_kv is None:
         out = cluster_attention_fused(q_logit, k_logit, v, query_windows, key_windows,
                                       logit_scale, self_attend == "last_resort", eps)
     else:
@@ -305,7 +305,7 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
 
 def _commitment_error(x, mu, assignments):
     """mean over elements of (x - stopgrad(mu[a(x)]))^2; x (B, H, T, D), assignments (B, H, T)."""
-    heads = np.arange(mu.shape[0])[None, :, None]  # (1, H, 1)
+    heads = backend.get_array_module(mu).arange(mu.shape[0])[None, :, None]  # (1, H, 1)
     target = mu[heads, assignments]  # (H, K, D) -> (B, H, T, D), a constant
     return ops.mean(ops.square(ops.subtract(x, target)))
 
@@ -367,10 +367,9 @@ def cluster_attention_reference(q, k, v, query_windows, key_windows, *, scale, s
 def _window_counts(windows, T, xp):
     """How many windows each position is in: (B, H, K, W) -> (B, H, T) float."""
     B, H = windows.shape[:2]
-    counts = xp.zeros((B * H, T))
-    flat = windows.reshape(B * H, -1)
-    xp.add.at(counts, (xp.arange(B * H)[:, None], flat), 1.0)
-    return counts.reshape(B, H, T)
+    rows = windows.reshape(B * H, -1) + xp.arange(B * H)[:, None] * T  # (B*H, K*W): position in (b, h)'s own range
+    counts = xp.bincount(rows.reshape(-1), minlength=B * H * T)  # exact integer counts
+    return counts.reshape(B, H, T).astype(xp.float64)
 
 
 def _nearest_attention(q, k, v, assignments, scale, self_attend, eps, mem_kv=None):
@@ -518,16 +517,30 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
     return y, loss, stats
 
 
-# ------------------------------------------------------------ fused (Numba) cluster attention
+# ------------------------------------------------------------ fused (Numba / CuPy) cluster attention
+def _gpu_kernels(x):
+    """:mod:`rt_numpy.kernels.cupy_routing` when ``x`` is a CuPy array, else None (Numba runs)."""
+    if backend.get_array_module(x) is np:
+        return None
+    from rt_numpy.kernels import cupy_routing
+
+    return cupy_routing
+
+
 @primitive
 def cluster_attention_fused(q, k, v, query_windows, key_windows, scale, last_resort, eps):
-    """:func:`cluster_attention_reference` as one fused Numba kernel (no ``mem_kv``).
+    """:func:`cluster_attention_reference` as one fused kernel (no ``mem_kv``): Numba or CuPy.
 
     Same arguments and result as the reference (``last_resort`` is
     ``self_attend == "last_resort"``).  Nothing of size (K, W, W) is kept for
     the backward pass: the backward kernel recomputes each cluster's
     probabilities, as FlashAttention does.  First-order gradients only.
+    On CuPy arrays :mod:`rt_numpy.kernels.cupy_routing` runs, with the same
+    signature as the Numba module.
     """
+    gpu = _gpu_kernels(q)
+    if gpu is not None:
+        return gpu.forward(q, k, v, query_windows, key_windows, float(scale), bool(last_resort), float(eps))
     from rt_numpy.kernels import numba_routing
 
     return numba_routing.forward(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
@@ -541,8 +554,13 @@ def _cluster_attention_fused_vjp(argnums, ans, args, kwargs):
     from rt_numpy.kernels import numba_routing
 
     q, k, v, query_windows, key_windows, scale, last_resort, eps = args
+    gpu = _gpu_kernels(q)
 
     def vjp(g):
+        if gpu is not None:
+            grads = gpu.backward(g.astype(ans.dtype, copy=False), q, k, v, query_windows, key_windows,
+                                 float(scale), bool(last_resort), float(eps))
+            return tuple(grads[i] for i in argnums)
         # g can arrive in float64 for a float32 output (a loss mixing in float64 constants).
         dq, dk, dv = numba_routing.backward(
             np.ascontiguousarray(g, dtype=ans.dtype), np.ascontiguousarray(q), np.ascontiguousarray(k),

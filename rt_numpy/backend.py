@@ -17,6 +17,15 @@ over an explicit ``impl=`` argument: that is what "everywhere" means.
 Neither numba nor cupy is needed to import rt_numpy or to run the reference
 path.  Asking explicitly for a backend that is not installed raises an
 :class:`ImportError` that says what to install.
+
+GPU (CuPy)
+----------
+:func:`use_cupy` registers ``cupy.ndarray`` with HIPS autograd (as an
+``ArrayBox`` type with a CuPy-backed vector space), after which
+``autograd.grad`` differentiates rt_numpy's primitives on GPU arrays; it is
+called by :func:`to_device` and :func:`require_gpu`.  :func:`to_device` moves a
+whole tree of arrays (params, optimiser and k-means state) to ``"gpu"`` or back
+to ``"cpu"``; checkpoints are always written from host arrays.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import threading
 import numpy as np
 
 IMPLS = ("auto", "ref", "numba", "cupy")
+DEVICES = ("cpu", "gpu")
 FORCE_REF_ENV = "RT_NUMPY_FORCE_REF"
 
 _local = threading.local()  # per-thread depth of reference_only() blocks
@@ -153,3 +163,128 @@ def resolve_impl(impl: str = "auto", xp=np) -> str:
             return "cupy"
         return "numba" if numba_available() else "ref"
     return impl
+
+
+# --------------------------------------------------------------------------- GPU (CuPy)
+def require_gpu():
+    """The ``cupy`` module, ready for autograd; a clear error when no GPU can be used.
+
+    Raises
+    ------
+    RuntimeError
+        CuPy is not installed, or it sees no CUDA device.
+    """
+    if not _module_available("cupy"):
+        raise RuntimeError("device 'gpu' needs CuPy and an NVIDIA GPU: pip install 'rt_numpy[gpu]' "
+                           "(cupy is not installed here)")
+    if not cupy_available():
+        raise RuntimeError("device 'gpu' needs an NVIDIA GPU, but CuPy sees no CUDA device here")
+    use_cupy()
+    import cupy
+
+    return cupy
+
+
+_cupy_registered = False
+
+
+def use_cupy():
+    """Register ``cupy.ndarray`` with autograd (once): boxes while tracing, a vector space for gradients.
+
+    autograd's tracing core is array-library agnostic; it only needs to know
+    which Box class wraps a value and how to make zeros, ones and sums in its
+    vector space.  Both are given here for CuPy.  autograd.numpy's own VJPs
+    would still build NumPy arrays, which is why rt_numpy differentiates only
+    through :mod:`rt_numpy.ops` (DESIGN.md, "Differentiation").
+    """
+    global _cupy_registered
+    if _cupy_registered:
+        return
+    import cupy
+    from autograd.extend import VSpace
+    from autograd.numpy.numpy_boxes import ArrayBox
+
+    class CupyVSpace(VSpace):
+        """The vector space of CuPy arrays of one shape and dtype."""
+
+        def __init__(self, value):
+            self.shape, self.dtype = value.shape, value.dtype
+
+        @property
+        def size(self):
+            return int(np.prod(self.shape))
+
+        @property
+        def ndim(self):
+            return len(self.shape)
+
+        def zeros(self):
+            return cupy.zeros(self.shape, dtype=self.dtype)
+
+        def ones(self):
+            return cupy.ones(self.shape, dtype=self.dtype)
+
+        def standard_basis(self):
+            for index in np.ndindex(*self.shape):
+                vector = cupy.zeros(self.shape, dtype=self.dtype)
+                vector[index] = 1
+                yield vector
+
+        def randn(self):
+            return cupy.asarray(np.random.randn(*self.shape)).astype(self.dtype)
+
+        def _inner_prod(self, x, y):
+            return cupy.dot(cupy.ravel(x), cupy.ravel(y))
+
+    ArrayBox.register(cupy.ndarray)
+    VSpace.register(cupy.ndarray, CupyVSpace)
+    _cupy_registered = True
+
+
+def _map_arrays(tree, fn):
+    """``tree`` with ``fn`` applied to every array inside dicts, lists and tuples."""
+    if isinstance(tree, dict):
+        return {key: _map_arrays(value, fn) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_arrays(value, fn) for value in tree)
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        return fn(tree)
+    return tree  # ints (an optimiser step), strings, None
+
+
+def to_numpy(tree):
+    """Every array in ``tree`` (dicts, lists, tuples) as a NumPy array on the host."""
+    return _map_arrays(tree, lambda x: x.get() if _is_cupy_array(x) else np.asarray(x))
+
+
+def to_device(tree, device):
+    """Every array in ``tree`` on ``device``: ``"cpu"`` (NumPy) or ``"gpu"`` (CuPy).
+
+    Parameters
+    ----------
+    tree : array, or dict / list / tuple of them (nested)
+        E.g. the params, an optimiser state ``{"step", "m", "v"}`` or the k-means states.
+    device : {"cpu", "gpu"}
+
+    Returns
+    -------
+    The same structure with arrays copied where needed (already there: unchanged).
+
+    Raises
+    ------
+    ValueError
+        ``device`` is not one of :data:`DEVICES`.
+    RuntimeError
+        ``device="gpu"`` on a machine without CuPy or without a GPU.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return to_numpy(tree)
+    cupy = require_gpu()
+    return _map_arrays(tree, cupy.asarray)
+
+
+def device_of(x):
+    """``"gpu"`` for a CuPy array (also inside an autograd box), ``"cpu"`` otherwise."""
+    return "gpu" if _is_cupy_array(_unbox(x)) else "cpu"

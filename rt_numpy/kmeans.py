@@ -194,7 +194,7 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
         Lloyd iterations after picking data points.
     dtype : float32 or float64, optional
         Default: the dtype of ``points`` with ``init="data"``, float32 otherwise.
-    impl : {"auto", "ref", "numba"}
+    impl : {"auto", "ref", "numba", "cupy"}
         Implementation of the Lloyd assignments.
     picks : int array (K,), optional
         With ``init="data"``: the starting tokens, as indices into the points
@@ -247,11 +247,12 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
         picks = np.asarray(picks)
         if picks.shape != (K,) or picks.dtype.kind not in "iu" or not bool(((picks >= 0) & (picks < B * T)).all()):
             raise ValueError(f"picks must be {K} integer indices in [0, B*T={B * T}), got {picks!r}")
-    means = flat[:, picks].copy()  # (H, K, D)
+    xp = backend.get_array_module(x)
+    means = flat[:, xp.asarray(picks)].copy()  # (H, K, D)
     for _ in range(lloyd_iters):
         stats = cluster_stats(x, means, impl=impl)
         sums, counts = stats["sums"][0], stats["counts"][0]  # (H, K, D), (H, K)
-        means = np.where(counts[..., None] > 0, normalize(sums, norm), means).astype(dtype)
+        means = xp.where(counts[..., None] > 0, normalize(sums, norm), means).astype(dtype)
     return state_from_means(means)
 
 
@@ -283,7 +284,7 @@ def cluster_stats(points, means, *, impl="auto"):
         Normalised points.
     means : array (H, K, D)
         Centroids as they are at the start of the step.
-    impl : {"auto", "ref", "numba"}
+    impl : {"auto", "ref", "numba", "cupy"}
 
     Returns
     -------
@@ -302,6 +303,8 @@ def cluster_stats(points, means, *, impl="auto"):
     streams = [getval(x) for x in _check_points(points, means)]
     xp = backend.get_array_module(means, *streams)
     impl = backend.resolve_impl(impl, xp)
+    # On a GPU ("cupy") the reference itself is the fast path: one matrix product, an argmax,
+    # and the sums by the deterministic scatter-add of ops.scatter_add_rows.
     results = [_stats_numba(x, means) if impl == "numba" else _stats_reference(x, means) for x in streams]
     return {
         "assignments": xp.stack([r[0] for r in results]),  # S x (B, H, T) -> (S, B, H, T)
@@ -311,13 +314,15 @@ def cluster_stats(points, means, *, impl="auto"):
 
 
 def _stats_reference(x, means):
-    H, K, D = means.shape
-    assignments = np.argmax(similarities(x, means), axis=-1)  # (B, H, T, K) -> (B, H, T)
-    heads = np.arange(H)[None, :, None]  # (1, H, 1), pairs each point with its head
-    sums = np.zeros((H, K, D), x.dtype)
-    np.add.at(sums, (heads, assignments), x)  # sums[h, a[b, h, t]] += x[b, h, t], in (b, t) order
-    counts = np.zeros((H, K), np.int64)
-    np.add.at(counts, (heads, assignments), 1)
+    xp = backend.get_array_module(x, means)
+    B, H, T, D = x.shape
+    K = means.shape[1]
+    assignments = xp.argmax(similarities(x, means), axis=-1)  # (B, H, T, K) -> (B, H, T)
+    per_head = assignments.transpose(1, 0, 2).reshape(H, B * T)  # (H, B*T), in (b, t) order
+    # sums[h, a[b, h, t]] += x[b, h, t], in (b, t) order: a scatter-add of rows, head by head.
+    sums = ops.scatter_add_rows(x.transpose(1, 0, 2, 3).reshape(H, B * T, D), per_head, K)  # (H, K, D)
+    heads = xp.arange(H)[:, None] * K  # (H, 1): each head's clusters get their own counters
+    counts = xp.bincount((per_head + heads).reshape(-1), minlength=H * K).reshape(H, K).astype(xp.int64)
     return assignments, sums, counts
 
 
@@ -346,7 +351,7 @@ def balanced_membership(points, means, window_size, *, impl="auto"):
     means : array (H, K, D)
     window_size : int
         W, members per cluster, 1 <= W <= T.
-    impl : {"auto", "ref", "numba"}
+    impl : {"auto", "ref", "numba", "cupy"}
 
     Returns
     -------
@@ -374,6 +379,10 @@ def balanced_membership(points, means, window_size, *, impl="auto"):
         from rt_numpy.kernels import numba_kmeans
 
         return numba_kmeans.top_w_positions(scores, W)
+    if impl == "cupy":
+        from rt_numpy.kernels import cupy_kmeans
+
+        return cupy_kmeans.top_w_positions(scores, W)
     return top_w_reference(scores, W)
 
 
@@ -383,8 +392,10 @@ def top_w_reference(scores, window_size):
     A stable sort of the negated scores puts equal scores in position order, so
     ties go to the lower position.
     """
-    order = np.argsort(-scores, axis=-1, kind="stable")  # (B, H, K, T), best first
-    return np.sort(order[..., :window_size], axis=-1)  # (B, H, K, W), by position
+    xp = backend.get_array_module(scores)
+    # CuPy's sorts are always stable (and take no kind=): equal scores keep their position order.
+    order = xp.argsort(-scores, axis=-1, kind="stable") if xp is np else xp.argsort(-scores, axis=-1)  # best first
+    return xp.sort(order[..., :window_size], axis=-1)  # (B, H, K, W), by position
 
 
 # ------------------------------------------------------------------------- updates
@@ -458,13 +469,13 @@ def update_state(state, stats, *, update="ema", decay=0.999, eps=1e-5, norm="ln"
         total = n.sum(axis=-1, keepdims=True)  # (H, 1)
         smoothed = (n + eps) / (total + K * eps) * total  # (H, K), only to divide by
         seen = total[..., None] > 0  # (H, 1, 1): a head that has received no point at all keeps its means
-        new_means = np.where(seen, s / np.where(seen, smoothed[..., None], 1), means)  # (H, K, D)
+        new_means = xp.where(seen, s / xp.where(seen, smoothed[..., None], 1), means)  # (H, K, D)
         return {"means": new_means.astype(dt), "counts": n.astype(dt), "sums": s.astype(dt)}
     if update == "spherical":
         pooled = sums.sum(axis=0)  # (S, H, K, D) -> (H, K, D)
         received = counts.sum(axis=0)[..., None] > 0  # (H, K, 1)
         target = normalize(pooled, norm)
-        new_means = np.where(received, decay * means + (1 - decay) * target, means)
+        new_means = xp.where(received, decay * means + (1 - decay) * target, means)
     else:  # "paper"
         new_means = decay * means + (1 - decay) / sums.shape[0] * sums.sum(axis=0)
     return {"means": new_means.astype(dt), "counts": state["counts"].copy(), "sums": state["sums"].copy()}
@@ -514,7 +525,7 @@ def commitment_loss(points, means, *, commitment=1e-4, combine="sum"):
     mu = _check_means(getval(means))  # stop-gradient: no gradient reaches the centroids
     streams = _check_points(points, mu)
     H = mu.shape[0]
-    heads = np.arange(H)[None, :, None]  # (1, H, 1)
+    heads = backend.get_array_module(mu).arange(H)[None, :, None]  # (1, H, 1)
     errors = []
     for x in streams:
         a = nearest(getval(x), mu, impl="ref")  # (B, H, T)

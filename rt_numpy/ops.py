@@ -769,14 +769,20 @@ def scatter_add_rows(y, idx, n):
     Notes
     -----
     The adjoint of :func:`gather_rows` (``<gather(x), y> = <x, scatter(y)>``);
-    its VJP is the gather.  On a GPU ``add.at`` uses atomics, so the order of
-    the sum over repeated indices, and the last bits, may vary between runs.
+    its VJP is the gather.  On CuPy arrays a sorted segment sum
+    (:func:`rt_numpy.kernels.cupy_ops.scatter_add_rows`) replaces ``add.at``,
+    whose atomics would add repeated rows in a varying order.
     """
     *lead, M, D = y.shape
     xp = get_array_module(y)
     rows = _flat_rows(idx, n, lead, "scatter_add_rows")
-    out = xp.zeros((math.prod(lead) * n, D), dtype=y.dtype)  # (R, D)
-    xp.add.at(out, rows, xp.reshape(y, (-1, D)))  # unbuffered: repeated rows accumulate
+    if xp.__name__ == "cupy":  # a sorted segment sum: same order as add.at, no atomics
+        from rt_numpy.kernels import cupy_ops
+
+        out = cupy_ops.scatter_add_rows(xp.reshape(y, (-1, D)), rows, math.prod(lead) * n)  # (R, D)
+    else:
+        out = xp.zeros((math.prod(lead) * n, D), dtype=y.dtype)  # (R, D)
+        xp.add.at(out, rows, xp.reshape(y, (-1, D)))  # unbuffered: repeated rows accumulate
     return xp.reshape(out, tuple(lead) + (n, D))  # (R, D) -> (..., n, D)
 
 

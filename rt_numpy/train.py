@@ -27,7 +27,7 @@ import autograd
 import numpy as np
 from autograd.tracer import getval
 
-from rt_numpy import data, model, optim
+from rt_numpy import backend, data, model, optim
 
 CHECKPOINT_VERSION = 1
 
@@ -73,11 +73,13 @@ class TrainConfig:
 def train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, step, rng, impl="auto"):
     """One optimisation step; returns ``(params, opt_state, kmeans_states, metrics)``.
 
-    ``x``, ``y`` (B, T) int arrays: inputs and next-byte targets.  ``rng`` drives
-    dropout.  ``metrics`` holds ``loss``, ``cross_entropy``, ``commitment``,
+    ``x``, ``y`` (B, T) int arrays: inputs and next-byte targets, copied to the
+    device of the parameters if needed.  ``rng`` drives dropout.  ``metrics`` holds ``loss``, ``cross_entropy``, ``commitment``,
     ``grad_norm`` and ``lr`` as Python floats.
     """
     captured = {}
+    xp = backend.get_array_module(params["wte"])
+    x, y = xp.asarray(x), xp.asarray(y)  # the batch goes where the parameters are
 
     def objective(p):
         total, aux = model.loss(p, x, y, cfg, kmeans_states, rng=rng if cfg.dropout > 0 else None, impl=impl)
@@ -103,9 +105,11 @@ def evaluate(params, kmeans_states, cfg, split, *, batch_size, max_batches=None,
     in order (:func:`rt_numpy.data.eval_batches`), at most ``max_batches``.
     """
     total, count = 0.0, 0
+    xp = backend.get_array_module(params["wte"])
     for i, (x, y) in enumerate(data.eval_batches(split, batch_size, cfg.seq_len)):
         if max_batches is not None and i >= max_batches:
             break
+        x, y = xp.asarray(x), xp.asarray(y)
         logits, _ = model.forward(params, x, cfg, kmeans_states, impl=impl)
         total += float(getval(model.ops.cross_entropy(logits, y))) * y.size
         count += y.size
@@ -117,11 +121,13 @@ def evaluate(params, kmeans_states, cfg, split, *, batch_size, max_batches=None,
 
 # --------------------------------------------------------------------------- checkpoints
 def _flatten(params, opt_state, kmeans_states):
-    arrays = {f"params/{k}": np.asarray(v) for k, v in params.items()}
-    arrays.update({f"opt/m/{k}": np.asarray(v) for k, v in opt_state["m"].items()})
-    arrays.update({f"opt/v/{k}": np.asarray(v) for k, v in opt_state["v"].items()})
+    """Every array by its checkpoint name, as a host (NumPy) array: GPU arrays are copied back."""
+    params, opt_state, kmeans_states = backend.to_numpy((params, opt_state, kmeans_states))
+    arrays = {f"params/{k}": v for k, v in params.items()}
+    arrays.update({f"opt/m/{k}": v for k, v in opt_state["m"].items()})
+    arrays.update({f"opt/v/{k}": v for k, v in opt_state["v"].items()})
     for layer, state in kmeans_states.items():
-        arrays.update({f"kmeans/{layer}/{k}": np.asarray(v) for k, v in state.items()})
+        arrays.update({f"kmeans/{layer}/{k}": v for k, v in state.items()})
     return arrays
 
 
@@ -217,7 +223,7 @@ def load_checkpoint(path, *, expect_model=None):
 
 # --------------------------------------------------------------------------- the loop
 def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, impl="auto", corpus=None,
-          log=print):
+          log=print, device="cpu"):
     """Train from scratch (or resume) and return the final state and history.
 
     Parameters
@@ -237,6 +243,11 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
     corpus : dict of uint8 arrays, optional
         ``train`` / ``val`` / ``test`` splits; default: ``tcfg.corpus`` loaded
         and split 90/5/5.
+    device : {"cpu", "gpu"}
+        Where the parameters, optimiser and k-means state live and the steps
+        run (``"gpu"``: CuPy arrays, :func:`rt_numpy.backend.to_device`).  The
+        same loop either way: batches are drawn on the host and copied over;
+        checkpoints always hold host arrays, so a GPU run resumes on a CPU.
 
     Returns
     -------
@@ -263,6 +274,7 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
         kmeans_states = model.init_kmeans(cfg, rng)
         opt_state = optim.adamw_init(params)
         step, history = 0, []
+    params, opt_state, kmeans_states = backend.to_device((params, opt_state, kmeans_states), device)
     last = min(tcfg.steps, stop_at) if stop_at is not None else tcfg.steps
     checkpoint = os.path.join(out_dir, "checkpoint") if out_dir else None
     val = None
