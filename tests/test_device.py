@@ -4,6 +4,7 @@ These run on every machine; tests/test_gpu.py holds the comparisons that need a 
 """
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,3 +70,11 @@ def test_train_refuses_unknown_device():
     corpus = {name: np.zeros(1000, dtype=np.uint8) for name in ("train", "val", "test")}
     with pytest.raises(ValueError, match="device must be one of"):
         train.train(cfg, tcfg, corpus=corpus, progress=False, device="cuda")
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+def test_gpu_check_without_gpu_says_so():
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "gpu_check: device 'gpu' needs" in result.stderr and "Traceback" not in result.stderr

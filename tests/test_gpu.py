@@ -16,7 +16,7 @@ if not backend.cupy_available():
 import autograd  # noqa: E402
 
 from rt_numpy import attention, kmeans, model, ops, optim, sample, train  # noqa: E402
-from rt_numpy.kernels import cupy_kmeans, cupy_routing, numba_routing  # noqa: E402
+from rt_numpy.kernels import cupy_kmeans, cupy_routing  # noqa: E402
 
 cp = backend.require_gpu()
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -132,7 +132,7 @@ def _points(B=2, H=3, T=200, D=16, K=5, dtype=np.float64, seed=4):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cluster_stats_equal_numpy(dtype):
     points, means = _points(dtype=dtype)
-    cpu = kmeans.cluster_stats([points, points[::-1]], means, impl="numba")
+    cpu = kmeans.cluster_stats([points, points[::-1]], means)  # Numba where it imports
     gpu = kmeans.cluster_stats(backend.to_device([points, points[::-1]], "gpu"), backend.to_device(means, "gpu"))
     np.testing.assert_array_equal(gpu["assignments"].get(), cpu["assignments"])
     np.testing.assert_array_equal(gpu["counts"].get(), cpu["counts"])
@@ -182,19 +182,25 @@ def test_balanced_membership_gpu_equals_numpy():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("last_resort", [False, True])
 @pytest.mark.parametrize("shape", [(2, 3, 256, 64, 4, 64), (1, 2, 600, 32, 3, 300), (1, 1, 50, 8, 2, 50)], ids=str)
-def test_fused_routing_kernels_equal_numba(dtype, last_resort, shape):
+def test_fused_routing_kernels_equal_reference(dtype, last_resort, shape):
+    """The CUDA kernels against the NumPy reference and its autograd gradients (no Numba needed)."""
     B, H, T, D, K, W = shape
     rng = _rng(6)
     q, k, v, g = (rng.standard_normal((B, H, T, D)).astype(dtype) for _ in range(4))
     means = kmeans.normalize(rng.standard_normal((H, K, D))).astype(dtype)
-    qw = kmeans.balanced_membership(kmeans.normalize(q), means, W)
-    kw = kmeans.balanced_membership(kmeans.normalize(k), means, W)
-    args = (0.125, last_resort, 1e-2)
+    qw = kmeans.balanced_membership(kmeans.normalize(q), means, W, impl="ref")
+    kw = kmeans.balanced_membership(kmeans.normalize(k), means, W, impl="ref")
+    scale, eps = 0.125, 1e-2
+    self_attend = "last_resort" if last_resort else "allow"
+
+    def reference(q, k, v):
+        return attention.cluster_attention_reference(q, k, v, qw, kw, scale=scale, self_attend=self_attend, eps=eps)
+
+    grads = autograd.grad(lambda qkv: ops.sum(ops.multiply(reference(*qkv), g)))((q, k, v))
     tol = F64 if dtype == np.float64 else dict(rtol=1e-3, atol=1e-4)
     on_gpu = backend.to_device((q, k, v, qw, kw), "gpu")
-    _close(cupy_routing.forward(*on_gpu, *args), numba_routing.forward(q, k, v, qw, kw, *args), **tol)
-    _close(cupy_routing.backward(cp.asarray(g), *on_gpu, *args),
-           numba_routing.backward(g, q, k, v, qw, kw, *args), **tol)
+    _close(cupy_routing.forward(*on_gpu, scale, last_resort, eps), reference(q, k, v), **tol)
+    _close(cupy_routing.backward(cp.asarray(g), *on_gpu, scale, last_resort, eps), grads, **tol)
 
 
 def test_fused_routing_is_deterministic():
