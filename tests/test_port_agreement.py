@@ -14,6 +14,8 @@ Skipped cleanly when torch or the port is not installed (``pip install -e ".[por
 """
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 rt_port = pytest.importorskip("routing_transformer.routing_transformer")
@@ -41,10 +43,12 @@ def _inputs(seed=0, dtype=np.float64, norm="l2"):
     return q, k, v, g, means
 
 
-def _port_attention(shared_qk, means, *, train=False):
+def _port_attention(shared_qk, means, *, train=False, window_size=W):
     """A causal port ``KmeansAttention`` with the given centroids, no dropout, in means' dtype."""
     torch.manual_seed(0)  # the memory key/value are drawn at construction
-    module = rt_port.KmeansAttention(K, W, H, D, causal=True, shared_qk=shared_qk, dropout=0.0)
+    heads, clusters, dim = means.shape
+    module = rt_port.KmeansAttention(clusters, window_size, heads, dim, causal=True, shared_qk=shared_qk,
+                                     dropout=0.0)
     module = module.to(torch.float32 if means.dtype == np.float32 else torch.float64)
     module.kmeans.means.data.copy_(torch.from_numpy(means))
     module.kmeans.initted.data.fill_(True)  # otherwise the port re-initialises from the first batch
@@ -54,6 +58,8 @@ def _port_attention(shared_qk, means, *, train=False):
 def _run_port(module, q, k, v, upstream):
     """The port's numbers under crosscheck's names."""
     shared = module.shared_qk
+    B, H, T, _ = q.shape
+    K, W = module.num_clusters, module.window_size
     tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
     out, aux = module(tq, tq if shared else tk, tv)
     inputs = [tq, tv] + ([] if shared else [tk])
@@ -133,6 +139,26 @@ def test_commitment_loss_equals_port_auxiliary_loss(shared_qk, dtype):
     streams = [kmeans.normalize(q, "l2")] + ([] if shared_qk else [kmeans.normalize(k, "l2")])
     ours = kmeans.commitment_loss(streams, means, commitment=1e-4, combine="mean")
     assert abs(float(ours) - aux.item()) <= RTOL[dtype] * aux.item()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(shape=st.tuples(st.integers(1, 2), st.integers(1, 2), st.integers(1, 12), st.sampled_from([2, 4, 6]),
+                       st.integers(1, 4)),
+       window=st.integers(1, 12), shared_qk=st.booleans(), seed=st.integers(0, 2**16))
+def test_agreement_over_shapes(shape, window, shared_qk, seed):
+    """Float64 agreement for any (B, H, T, D, K) and W <= T, including K = 1, W = 1 and W = T."""
+    b, h, t, d, c = shape
+    w = min(window, t)
+    rng = np.random.default_rng(seed)
+    q, k, v, g = (rng.standard_normal((b, h, t, d)) for _ in range(4))
+    means = kmeans.normalize(rng.standard_normal((h, c, d)), "l2")
+    module = _port_attention(shared_qk, means, window_size=w)
+    theirs = _run_port(module, q, k, v, g)
+    ours = crosscheck.reference(q, None if shared_qk else k, v, means, window_size=w, upstream=g,
+                                shared_qk=shared_qk, mem_kv=None if shared_qk else _mem_kv(module),
+                                **crosscheck.port_conventions(shared_qk))
+    names = sorted(set(theirs))
+    crosscheck.assert_close(ours, theirs, rtol=1e-10, names=names)
 
 
 # ------------------------------------------------------------------------------ 3. conventions
