@@ -163,9 +163,9 @@ for name, error in errors.items():
 
 # %% [markdown]
 # `compare` measures a float array's error relative to its largest value (elements near zero do not
-# blow it up), compares integer arrays exactly, and compares **windows as sets**: our windows are
-# sorted by position, the port's (and ours here) by decreasing similarity: a convention that changes
-# no output.
+# blow it up), compares integer arrays exactly, and compares **windows as sets**: rt_numpy's windows
+# are sorted by position, the port's (and those of the from-scratch code above) by decreasing
+# similarity, a convention that changes no output.
 #
 # What does a failing check look like? Forget the 1/√D (the official code has none, the port has
 # it) and `assert_close` names every array that moved:
@@ -209,7 +209,7 @@ for trial in range(2 if FAST else 5):
 # * `eval()` (no k-means bookkeeping, no dropout) and `dropout=0`;
 # * the centroids written into `module.kmeans.means`, and `module.kmeans.initted` set to True:
 #   otherwise the port replaces them at the first forward, from the batch;
-# * float64 (`.double()`) for the tight check; float32 agrees to about 1e-6;
+# * float64 (`.double()`) for the tight check; float32 agrees to about 1e-7 (asserted below 1e-5);
 # * the names mapped: the port's windows come flat, (B, H, K·W), in top-k order; its memory key/value
 #   (separate QK only) have an extra axis of length 1.
 
