@@ -14,7 +14,8 @@ Forward and forward+backward, 1 head and 8 heads, D=64, float32, T from 1024 to
 Routing is shared-QK everywhere (every released LM config); "forward+backward"
 is the gradient of ``sum(out * g)`` (plus the commitment loss) with respect to
 q and v.  NumPy and torch are timed in separate phases (their thread pools
-interfere when interleaved).  Peak memory is the growth of the process's
+interfere when interleaved).  Every phase runs with freed memory kept for reuse
+(:func:`rt_numpy.allocator.reuse_freed_memory`, set once for the whole process).  Peak memory is the growth of the process's
 peak resident set (VmHWM) while one forward+backward runs, each in a fresh process.
 The growth exponent is the least-squares slope of log(ms) against log(T) over
 T = 2048 ... 16384.
@@ -128,6 +129,7 @@ def peak_mib(impl, H, T):
 import resource, sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import attention as b
+from rt_numpy.allocator import reuse_freed_memory; reuse_freed_memory()  # as in the timing phase
 maker, kind = b.IMPLS[{impl!r}]
 maker(kind, {H}, 64, True)()          # compile / warm up on a small size
 run = maker(kind, {H}, {T}, True)     # inputs allocated before the baseline

@@ -32,7 +32,8 @@ float32, causal, shared QK, all measured in this run:
   either way.  ``torch.set_num_threads(2)``.
 
 NumPy and torch are timed in separate phases (their thread pools interfere when
-interleaved).  Times are medians over several steps after warm-up steps (the
+interleaved).  Every phase runs with freed memory kept for reuse
+(:func:`rt_numpy.allocator.reuse_freed_memory`, set once for the whole process).  Times are medians over several steps after warm-up steps (the
 port's first step also runs its lazy k-means initialisation).  Peak memory is
 the growth of the process's peak resident set (VmHWM) during one training step
 at T, in a fresh interpreter per (impl, T), after a warm-up step of a small
@@ -160,6 +161,7 @@ def peak_mib(impl, T, C, W):
 import resource, sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import train_step as b
+from rt_numpy.allocator import reuse_freed_memory; reuse_freed_memory()  # as in the timing phase
 maker, kind = b.IMPLS[{impl!r}]
 maker(kind, {small}, {C}, {W})()      # compile / warm up on a small model
 run = maker(kind, {T}, {C}, {W})      # model, optimiser and batch allocated before the baseline

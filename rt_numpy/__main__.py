@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from rt_numpy import backend, data, kmeans
+from rt_numpy import allocator, backend, data, kmeans
 
 
 def _configs(args):
@@ -195,6 +195,7 @@ def main(argv=None) -> int:
             backend.require_gpu()
         except RuntimeError as e:
             parser.error(str(e))  # exit status 2, with the reason
+    allocator.reuse_freed_memory()  # this process is ours: keep freed memory (rt_numpy/allocator.py)
     return args.func(args)
 
 

@@ -1,0 +1,28 @@
+"""rt_numpy.allocator: the glibc setting that keeps freed memory for reuse."""
+import platform
+
+import numpy as np
+import pytest
+
+from rt_numpy import allocator
+
+
+@pytest.mark.parametrize("limit", [0, 1023, (1 << 20) - 1, 2**31, -5, 1.5e9, True, "1GiB", None])
+def test_bad_limits_are_refused(limit):
+    with pytest.raises(ValueError, match="limit"):
+        allocator.reuse_freed_memory(limit)
+
+
+def test_accepted_exactly_on_glibc():
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert allocator.reuse_freed_memory() is on_glibc
+    assert allocator.reuse_freed_memory(1 << 20) is on_glibc  # the smallest limit; calling again is fine
+    allocator.reuse_freed_memory()  # leave the default for the rest of the session
+
+
+def test_large_arrays_still_work_after_it():
+    allocator.reuse_freed_memory()
+    for _ in range(3):  # allocate, free and allocate again blocks above glibc's default mmap limit
+        x = np.ones((48, 1 << 20), np.uint8)  # 48 MiB
+        assert int(x.sum()) == 48 << 20
+        del x
