@@ -134,6 +134,12 @@ __global__ void top_w(const T* __restrict__ scores, long long n_rows, long long 
 """
 
 
+def kernel_name(dtype):
+    """The template instance for float32 or float64 scores (their keys: 32- or 64-bit unsigned)."""
+    key = "unsigned int" if np.dtype(dtype) == np.float32 else "unsigned long long"
+    return f"top_w<{ctype(dtype)}, {key}, {THREADS}>"
+
+
 def top_w_positions(scores, W):
     """Balanced top-W membership from cluster-major scores, on the GPU.
 
@@ -162,7 +168,6 @@ def top_w_positions(scores, W):
     scores = xp.ascontiguousarray(scores)
     members = xp.empty((B, H, K, W), dtype=xp.int64)
     rows = B * H * K
-    key = "unsigned int" if scores.dtype == np.float32 else "unsigned long long"
-    launch(SOURCE, f"top_w<{ctype(scores.dtype)}, {key}, {THREADS}>", (rows,), (THREADS,),
+    launch(SOURCE, kernel_name(scores.dtype), (rows,), (THREADS,),
            (scores, np.int64(rows), np.int64(T), np.int64(W), members))
     return members

@@ -352,6 +352,14 @@ def _key_config(D, itemsize):
     return keys, ch
 
 
+def kernel_names(dtype, D):
+    """The template instances for one dtype and head dim: forward, backward query side, backward key side."""
+    t, itemsize = ctype(dtype), np.dtype(dtype).itemsize
+    chunk, (keys, ch) = _chunk(D, itemsize), _key_config(D, itemsize)
+    return (f"cluster_forward<{t}, {D}, {chunk}>", f"cluster_backward_query<{t}, {D}, {chunk}>",
+            f"cluster_backward_key<{t}, {D}, {keys}, {ch}>")
+
+
 def _check(q, k, v, query_windows, key_windows, g=None):
     xp = _array_module(q)
     for name, x in (("q", q), ("k", k), ("v", v)) + ((("g", g),) if g is not None else ()):
@@ -414,8 +422,7 @@ def forward(q, k, v, query_windows, key_windows, scale, last_resort, eps):
     T, D = q.shape[2:]
     dtype = q.dtype
     rows = xp.empty((B * H * K, W, D), dtype=dtype)  # every cluster's output rows
-    chunk = _chunk(D, dtype.itemsize)
-    launch(SOURCE, f"cluster_forward<{ctype(dtype)}, {D}, {chunk}>", (B * H * K,), (QUERY_THREADS,),
+    launch(SOURCE, kernel_names(dtype, D)[0], (B * H * K,), (QUERY_THREADS,),
            (q, k, v, qw, kw, np.int64(K), np.int64(T), np.int32(W), dtype.type(scale), np.int32(bool(last_resort)),
             rows))
     order, starts = segments(_positions(qw, T), B * H * T)
@@ -441,14 +448,13 @@ def backward(g, q, k, v, query_windows, key_windows, scale, last_resort, eps):
     dq_rows = xp.empty((clusters, W, D), dtype=dtype)
     lse = xp.empty((clusters, W), dtype=dtype)
     delta = xp.empty((clusters, W), dtype=dtype)
-    chunk = _chunk(D, dtype.itemsize)
-    launch(SOURCE, f"cluster_backward_query<{ctype(dtype)}, {D}, {chunk}>", (clusters,), (QUERY_THREADS,),
+    _, query_side, key_side = kernel_names(dtype, D)
+    launch(SOURCE, query_side, (clusters,), (QUERY_THREADS,),
            (g, den, q, k, v, qw, kw, *sizes, dq_rows, lse, delta))
     dk_rows = xp.empty((clusters, W, D), dtype=dtype)
     dv_rows = xp.empty((clusters, W, D), dtype=dtype)
-    keys, ch = _key_config(D, dtype.itemsize)
-    launch(SOURCE, f"cluster_backward_key<{ctype(dtype)}, {D}, {keys}, {ch}>",
-           (clusters, (W + keys - 1) // keys), (keys,),
+    keys, _ = _key_config(D, dtype.itemsize)
+    launch(SOURCE, key_side, (clusters, (W + keys - 1) // keys), (keys,),
            (g, den, q, k, v, qw, kw, lse, delta, *sizes, dk_rows, dv_rows))
     query_order, query_starts = segments(_positions(qw, T), B * H * T)
     key_order, key_starts = segments(_positions(kw, T), B * H * T)
