@@ -190,3 +190,22 @@ def test_routing_row_with_no_visible_key_outputs_zero():
     assert np.all(out == 0)
     dq, dk, dv = cupy_routing.backward(g, q, k, v, qw, kw, 1.0, False, 1e-2)
     assert np.all(dq == 0) and np.all(dk == 0) and np.all(dv == 0)
+
+
+def test_routing_shared_qk_equals_reference():
+    """Shared QK: keys are the queries and both windows are one array (sorted once in the backward)."""
+    import autograd
+
+    from rt_numpy import ops
+
+    q, _, v, g, qw, _ = _routing_case(1, 2, 48, 8, 3, 16, np.float64, seed=3)
+
+    def reference(q, v):
+        return attention.cluster_attention_reference(q, q, v, qw, qw, scale=1.0, self_attend="last_resort", eps=1e-5)
+
+    np.testing.assert_allclose(cupy_routing.forward(q, q, v, qw, qw, 1.0, True, 1e-5), reference(q, v), rtol=1e-10,
+                               atol=1e-12)
+    dq, dk, dv = cupy_routing.backward(g, q, q, v, qw, qw, 1.0, True, 1e-5)
+    expected = autograd.grad(lambda qv: ops.sum(ops.multiply(reference(*qv), g)))((q, v))
+    np.testing.assert_allclose(dq + dk, expected[0], rtol=1e-10, atol=1e-12)  # q is both queries and keys
+    np.testing.assert_allclose(dv, expected[1], rtol=1e-10, atol=1e-12)

@@ -457,7 +457,8 @@ def backward(g, q, k, v, query_windows, key_windows, scale, last_resort, eps):
     launch(SOURCE, key_side, (clusters, (W + keys - 1) // keys), (keys,),
            (g, den, q, k, v, qw, kw, lse, delta, *sizes, dk_rows, dv_rows))
     query_order, query_starts = segments(_positions(qw, T), B * H * T)
-    key_order, key_starts = segments(_positions(kw, T), B * H * T)
+    shared = key_windows is query_windows  # shared QK: one set of windows, sorted once
+    key_order, key_starts = (query_order, query_starts) if shared else segments(_positions(kw, T), B * H * T)
     dq = segment_sum(dq_rows.reshape(-1, D), query_order, query_starts)
     dk = segment_sum(dk_rows.reshape(-1, D), key_order, key_starts)
     dv = segment_sum(dv_rows.reshape(-1, D), key_order, key_starts)
