@@ -39,6 +39,7 @@ SELF_LOGIT = -5e4  # the "last resort" self logit of the PyTorch port and Reform
 def _check_qkv(q, k, v):
     """q, k, v: finite float arrays of one shape (B, H, T, D) and one dtype."""
     shape = dtype = None
+    checked = []  # arrays already scanned for NaN (with shared QK, k is q: scan it once)
     for name, x in (("q", q), ("k", k), ("v", v)):
         x = getval(x)
         if not hasattr(x, "dtype"):
@@ -50,8 +51,9 @@ def _check_qkv(q, k, v):
         if shape is not None and (x.shape != shape or x.dtype != dtype):
             raise ValueError(f"q, k and v must share shape and dtype: q is {shape} {dtype}, "
                              f"{name} is {tuple(x.shape)} {x.dtype}")
-        if not bool(backend.get_array_module(x).isfinite(x).all()):
+        if not any(x is y for y in checked) and not bool(backend.get_array_module(x).isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or infinity")
+        checked.append(x)
         shape, dtype = x.shape, x.dtype
     return shape
 
