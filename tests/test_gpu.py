@@ -56,7 +56,8 @@ def _primitive_cases():
     pos = rng.uniform(0.5, 2.0, (3, 4, 5))
     m1, m2 = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 4, 6))
     x4 = rng.standard_normal((2, 5, 8))  # (B, T, C)
-    idx = rng.integers(0, 5, size=(3, 4, 7))
+    gather_idx = rng.integers(0, 4, size=(3, 7))  # rows of a (3, 4, 5) array, with repeats
+    scatter_idx = rng.integers(0, 6, size=(3, 7))  # into 6 rows, some never named
     mask = rng.random((4, 5)) > 0.3
     targets = rng.integers(0, 5, size=(3, 4))
     return {
@@ -82,9 +83,9 @@ def _primitive_cases():
         "layer_norm_free": (lambda x: ops.layer_norm_free(x, 1e-6), (a,), {}),
         "layer_norm": (lambda x, g: ops.layer_norm(x, g, g), (a, b[0]), {}),
         "l2_normalize": (ops.l2_normalize, (a,), {}),
-        "gather_rows": (lambda x: ops.gather_rows(x, IDX[0]), (a,), {"idx": idx}),
-        "scatter_add_rows": (lambda y: ops.scatter_add_rows(y, IDX[0], 6), (rng.standard_normal((3, 4, 7, 5)),),
-                             {"idx": idx}),
+        "gather_rows": (lambda x: ops.gather_rows(x, IDX[0]), (a,), {"idx": gather_idx}),
+        "scatter_add_rows": (lambda y: ops.scatter_add_rows(y, IDX[0], 6), (rng.standard_normal((3, 7, 5)),),
+                             {"idx": scatter_idx}),
     }
 
 
