@@ -9,8 +9,9 @@ routing-transformer==1.6.1 local-attention==1.11.2 mixture-of-experts==0.2.3
 product-key-memory==0.3.0 colt5-attention==0.11.2 hyper-connections==0.4.11
 torch-einops-utils==0.2.0``), from the repository root::
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \\
-      && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --json $OUT/gpu_check.json
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
+    PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --json $OUT/gpu_check.json
 
 What runs, in this order, within about 5 minutes on one H100/H200:
 

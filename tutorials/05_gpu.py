@@ -50,7 +50,8 @@ FIG_DIR.mkdir(parents=True, exist_ok=True)
 HAVE_GPU = backend.cupy_available()
 if HAVE_GPU:
     cp = backend.require_gpu()  # imports CuPy and registers it with autograd
-    print("GPU:", cp.cuda.runtime.getDeviceProperties(0)["name"])
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"]
+    print("GPU:", name.decode() if isinstance(name, bytes) else name)
 else:
     print("No CuPy or no GPU here: this notebook shows the CPU side only.")
     print("On a machine with an NVIDIA GPU: pip install 'rt_numpy[gpu]', then run it again.")
