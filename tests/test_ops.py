@@ -14,7 +14,7 @@ import autograd.core
 import autograd.numpy as anp
 import numpy as np
 import pytest
-from autograd import grad
+from autograd import elementwise_grad, grad
 from autograd.test_util import check_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -124,6 +124,7 @@ CASES = [
     case("square", ops.square, lambda x: x ** 2, [_normal(3, 4)]),
     case("tanh", ops.tanh, anp.tanh, [_normal(3, 4)]),
     case("gelu", ops.gelu, _ref_gelu, [3 * _normal(4, 5)]),
+    case("gelu_derivative", ops.gelu_derivative, elementwise_grad(_ref_gelu), [3 * _normal(4, 5)]),
     case("reshape", lambda x: ops.reshape(x, (4, -1)), lambda x: anp.reshape(x, (4, -1)), [_normal(2, 3, 4)]),
     case("transpose", lambda x: ops.transpose(x, (2, 0, 1)), lambda x: anp.transpose(x, (2, 0, 1)),
          [_normal(2, 3, 4)]),

@@ -1,0 +1,118 @@
+"""The fused GELU kernels compute what the readable formulas compute.
+
+:mod:`rt_numpy.kernels.numba_elementwise` (used by :func:`rt_numpy.ops.gelu`
+and :func:`rt_numpy.ops.gelu_derivative` on NumPy arrays) against the formulas
+on the reference path, over a grid of shapes, both dtypes, memory layouts and
+edge values; bitwise the same for any number of threads; bad input refused.
+With ``NUMBA_DISABLE_JIT=1`` the kernel bodies run as plain Python here (ops
+itself then keeps to the formulas).
+"""
+import itertools
+
+import numba
+import numpy as np
+import pytest
+from autograd import elementwise_grad
+from autograd.test_util import check_grads
+
+from rt_numpy import backend, ops
+from rt_numpy.kernels import numba_elementwise
+
+# Against the formulas evaluated in float64 (the truth, to ~1e-15): (rtol, atol).  In float32 the
+# kernels are closer to it than the float32 formula itself, whose derivative carries absolute errors
+# near 1e-6 below x = -4 (1 - tanh(u)^2 cancels); test_as_accurate_as_the_formula checks that.
+TOL = {np.float32: (1e-6, 2e-7), np.float64: (1e-13, 1e-14)}
+SHAPES = [(0,), (1,), (7,), (3, 5), (2, 3, 17), (2, 1, 64, 33)]
+EDGES = [0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 0.5, -0.5, 1.0, -1.0, 3.0, -3.0, 5.5, -5.5,
+         10.0, -10.0, 30.0, -30.0, 1e3, -1e3, 1e6, -1e6]
+
+
+def _formulas(x):
+    """gelu(x) and its derivative on the reference path (the readable formulas of rt_numpy.ops), in x's dtype."""
+    with backend.reference_only():
+        return ops.gelu(x), ops.gelu_derivative(x)
+
+
+def _truth(x):
+    """The formulas evaluated in float64."""
+    return _formulas(np.asarray(x, np.float64))
+
+
+def _inputs(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (4 * rng.standard_normal(shape)).astype(dtype)  # most of the curve, both tails
+
+
+@pytest.mark.parametrize("shape,dtype", list(itertools.product(SHAPES, [np.float32, np.float64])))
+def test_kernels_equal_the_formulas(shape, dtype):
+    x = _inputs(shape, dtype)
+    want_y, want_dy = _truth(x)
+    y, dy = numba_elementwise.gelu(x), numba_elementwise.gelu_derivative(x)
+    rtol, atol = TOL[dtype]
+    for got, want in ((y, want_y), (dy, want_dy)):
+        assert got.shape == x.shape and got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_edge_values(dtype):
+    x = np.array(EDGES, dtype)
+    want_y, want_dy = _truth(x)
+    y, dy = numba_elementwise.gelu(x), numba_elementwise.gelu_derivative(x)
+    rtol, atol = TOL[dtype]
+    np.testing.assert_allclose(y, want_y, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(dy, want_dy, rtol=rtol, atol=atol)
+    assert np.isfinite(y).all() and np.isfinite(dy).all()
+    right, left = x >= 10, x <= -10
+    np.testing.assert_array_equal(y[right], x[right])  # the right tail is exactly x, slope exactly 1
+    np.testing.assert_array_equal(dy[right], 1)
+    assert np.abs(y[left]).max() < 1e-30 and np.abs(dy[left]).max() < 1e-30  # the left tail vanishes
+    assert y[EDGES.index(0.0)] == 0 and dy[EDGES.index(0.0)] == 0.5
+
+
+def test_as_accurate_as_the_formula():
+    x = _inputs((200_000,), np.float32, seed=3)
+    true_y, true_dy = _truth(x)
+    formula_y, formula_dy = _formulas(x)
+    # The value: both within a unit in the last place; the derivative: strictly better in the left tail.
+    assert np.abs(numba_elementwise.gelu(x) - true_y).max() <= 2 * np.abs(formula_y - true_y).max()
+    assert np.abs(numba_elementwise.gelu_derivative(x) - true_dy).max() <= np.abs(formula_dy - true_dy).max()
+
+
+def test_any_memory_layout():
+    x = _inputs((6, 9, 4), np.float64)
+    for view in (x.transpose(2, 0, 1), x[:, ::2], x[..., ::-1]):
+        assert not view.flags.c_contiguous
+        want_y, want_dy = _formulas(view)
+        np.testing.assert_allclose(numba_elementwise.gelu(view), want_y, rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(numba_elementwise.gelu_derivative(view), want_dy, rtol=1e-13, atol=1e-14)
+
+
+def test_same_bits_for_any_number_of_threads():
+    x = _inputs((64, 257), np.float32)
+    results = []
+    saved = numba.get_num_threads()
+    try:
+        for threads in sorted({1, saved}):
+            numba.set_num_threads(threads)
+            results.append((numba_elementwise.gelu(x), numba_elementwise.gelu_derivative(x)))
+    finally:
+        numba.set_num_threads(saved)
+    for y, dy in results[1:]:
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(dy, results[0][1])
+
+
+def test_ops_uses_the_kernels_and_keeps_the_gradients():
+    x = _inputs((3, 40), np.float64)
+    if backend.resolve_impl("auto") == "numba" and not numba.config.DISABLE_JIT:
+        np.testing.assert_array_equal(ops.gelu(x), numba_elementwise.gelu(x))  # the fast path ran
+    np.testing.assert_allclose(elementwise_grad(ops.gelu)(x), _formulas(x)[1], rtol=1e-13, atol=1e-14)
+    check_grads(ops.gelu, modes=["rev"], order=2)(x)
+    check_grads(ops.gelu_derivative, modes=["rev"], order=2)(x)
+
+
+@pytest.mark.parametrize("bad", [np.arange(5), np.ones(3, np.float16), [1.0, 2.0], 1.5])
+def test_bad_input_is_refused(bad):
+    with pytest.raises(TypeError, match="float32 or float64"):
+        numba_elementwise.gelu(bad)
