@@ -62,7 +62,8 @@ def machine_line():
         parts.append("threads " + ",".join(sorted(pools)))
     except ImportError:
         pass
-    env = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
+    env = [f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_THREAD_TIMEOUT")
+           if k in os.environ]
     if env:
         parts.append(" ".join(env))
     return "; ".join(parts)

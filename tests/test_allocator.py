@@ -1,5 +1,8 @@
-"""rt_numpy.allocator: the glibc setting that keeps freed memory for reuse."""
+"""Process-wide settings: freed memory kept for reuse (rt_numpy.allocator), OpenBLAS's short spin."""
+import os
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,3 +29,20 @@ def test_large_arrays_still_work_after_it():
         x = np.ones((48, 1 << 20), np.uint8)  # 48 MiB
         assert int(x.sum()) == 48 << 20
         del x
+
+
+def _timeout_seen_by_a_fresh_interpreter(env):
+    code = "import os, rt_numpy, numpy; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_importing_rt_numpy_first_shortens_the_openblas_spin():
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    assert _timeout_seen_by_a_fresh_interpreter(env) == "20"
+
+
+def test_a_spin_already_in_the_environment_is_kept():
+    env = dict(os.environ, OPENBLAS_THREAD_TIMEOUT="7")
+    assert _timeout_seen_by_a_fresh_interpreter(env) == "7"
