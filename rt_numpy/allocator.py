@@ -14,7 +14,9 @@ per step once freed memory was kept (BENCHMARKS.md).
 blocks up to ``limit`` come from the heap, and freed heap memory is kept
 rather than trimmed.  It changes how fast memory is handed out, never what
 is computed.  The price is that the process's resident memory stays at its
-peak after a large step.  It is a process-wide setting, so rt_numpy only makes
+peak after a large step; blocks of 256 MiB and more still get their own mmap
+(with a 1 GiB limit, dense attention over 8 heads at T=8192 fragmented the
+heap past 24 GiB).  It is a process-wide setting, so rt_numpy only makes
 it where it owns the process: the ``rt_numpy`` command line and the benchmark
 scripts (which apply it to every library they time, the PyTorch port
 included).  Library users call it themselves if they want it.
@@ -29,7 +31,7 @@ import platform
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h: how much free memory at the top of the heap is kept
 M_MMAP_THRESHOLD = -3  # blocks at least this large are served by mmap
-_DEFAULT_LIMIT = 1 << 30  # 1 GiB
+_DEFAULT_LIMIT = 1 << 28  # 256 MiB: larger blocks keep their own mmap, so they cannot fragment the heap
 _INT_MAX = 2**31 - 1
 
 
