@@ -113,6 +113,26 @@ def default_decay_mask(params):
     return {name: p.ndim >= 2 for name, p in params.items()}
 
 
+def _adamw_kernels(p, g, m, v):
+    """:mod:`rt_numpy.kernels.numba_optim` when it should run on this parameter, else None.
+
+    NumPy float arrays of one dtype, Numba installed and compiling (under
+    ``NUMBA_DISABLE_JIT=1`` its loop would run element by element in Python),
+    and the reference path not forced.
+    """
+    if not all(type(x) is np.ndarray for x in (p, g, m, v)) or p.dtype not in (np.float32, np.float64):
+        return None
+    if any(x.dtype != p.dtype or x.shape != p.shape for x in (g, m, v)) or backend.resolve_impl("auto") != "numba":
+        return None
+    from numba.core.config import DISABLE_JIT
+
+    if DISABLE_JIT:
+        return None
+    from rt_numpy.kernels import numba_optim
+
+    return numba_optim
+
+
 def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                  decay_mask=None):
     """One AdamW step; returns new params and new state, the inputs are left untouched.
@@ -165,7 +185,9 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weigh
     Loshchilov & Hutter, arXiv:1711.05101, Algorithm 2.  As in PyTorch's
     ``torch.optim.AdamW`` the decay is scaled by ``lr`` (the paper scales it by
     the schedule multiplier ``eta_t`` alone), and decay uses the parameter
-    before the Adam step; the results match PyTorch to rounding.
+    before the Adam step; the results match PyTorch to rounding.  On NumPy
+    arrays with Numba, :mod:`rt_numpy.kernels.numba_optim` does the same
+    operations in one pass per parameter, with bitwise the same results.
     """
     lr = _check_real("lr", lr, low=0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -196,6 +218,12 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weigh
         if not bool(xp.isfinite(g).all()):
             raise ValueError(f"grads[{name!r}] contains NaN or infinity")
         g = g.astype(p.dtype, copy=False)
+        kernels = _adamw_kernels(p, g, state["m"][name], state["v"][name])
+        if kernels is not None:  # one fused pass, bitwise the same as the lines below
+            new_params[name], new_m[name], new_v[name] = kernels.adamw(
+                p, g, state["m"][name], state["v"][name], beta1=beta1, beta2=beta2, bias1=bias1, bias2=bias2,
+                eps=eps, lr=lr, weight_decay=weight_decay, decay=bool(decay_mask[name]))
+            continue
         m = beta1 * state["m"][name] + (1.0 - beta1) * g
         v = beta2 * state["v"][name] + (1.0 - beta2) * (g * g)
         step = (m / bias1) / (xp.sqrt(v / bias2) + eps)

@@ -1,10 +1,12 @@
 """Tests for rt_numpy.optim: AdamW, the learning-rate schedule, gradient clipping."""
 import math
 
+import numba
 import numpy as np
 import pytest
 
-from rt_numpy import optim
+from rt_numpy import backend, optim
+from rt_numpy.kernels import numba_optim
 
 LR, BETAS, EPS, WD = 0.1, (0.9, 0.95), 1e-8, 0.1
 
@@ -20,6 +22,57 @@ def random_problem(rng, dtype=np.float64):
 
 
 # --------------------------------------------------------------------------- AdamW
+def _steps(params, grads_list, *, reference, weight_decay=WD):
+    state = optim.adamw_init(params)
+    for grads in grads_list:
+        if reference:
+            with backend.reference_only():
+                params, state = optim.adamw_update(params, grads, state, lr=LR, weight_decay=weight_decay)
+        else:
+            params, state = optim.adamw_update(params, grads, state, lr=LR, weight_decay=weight_decay)
+    return params, state
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weight_decay", [0.0, WD])
+def test_fused_adamw_is_bitwise_the_reference(dtype, weight_decay):
+    # Same operations, same order, constants rounded to the dtype: the fast path (optim picks
+    # rt_numpy.kernels.numba_optim when Numba compiles) must give the same bits, step after step.
+    rng = np.random.default_rng(3)
+    shapes = {"emb": (37, 5), "w": (5, 129), "g": (129,), "scalar": (), "big": (3, 1000)}
+    params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
+    grads_list = [{k: (rng.normal(size=s) * 10.0 ** rng.integers(-6, 3)).astype(dtype) for k, s in shapes.items()}
+                  for _ in range(4)]
+    fast, fast_state = _steps(params, grads_list, reference=False, weight_decay=weight_decay)
+    slow, slow_state = _steps(params, grads_list, reference=True, weight_decay=weight_decay)
+    for name in shapes:
+        for a, b in ((fast[name], slow[name]), (fast_state["m"][name], slow_state["m"][name]),
+                     (fast_state["v"][name], slow_state["v"][name])):
+            assert a.dtype == dtype and a.shape == shapes[name]
+            np.testing.assert_array_equal(a, b)
+
+
+def test_fused_adamw_kernel_directly():
+    # The kernel itself (also under NUMBA_DISABLE_JIT, where optim keeps to the formula), against the formula.
+    rng = np.random.default_rng(4)
+    p, g, m = (rng.normal(size=(4, 33)).astype(np.float32) for _ in range(3))
+    v = rng.random(size=(4, 33)).astype(np.float32)
+    for decay in (True, False):
+        new_p, new_m, new_v = numba_optim.adamw(p, g, m, v.T.T, beta1=0.9, beta2=0.95, bias1=1 - 0.9**3,
+                                                bias2=1 - 0.95**3, eps=1e-8, lr=0.01, weight_decay=0.1, decay=decay)
+        want_m = 0.9 * m + 0.1 * g
+        want_v = 0.95 * v + (1.0 - 0.95) * (g * g)
+        step = (want_m / (1 - 0.9**3)) / (np.sqrt(want_v / (1 - 0.95**3)) + 1e-8)
+        want_p = (p * (1.0 - 0.01 * 0.1) if decay else p) - 0.01 * step
+        for got, want in ((new_p, want_p), (new_m, want_m), (new_v, want_v)):
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="g must be an array of p's shape"):
+        numba_optim.adamw(p, g[:2], m, v, beta1=0.9, beta2=0.95, bias1=0.1, bias2=0.05, eps=1e-8, lr=0.01,
+                          weight_decay=0.0, decay=False)
+    assert not numba.config.DISABLE_JIT or optim._adamw_kernels(p, g, m, v) is None  # no Python-speed loops
+
+
 def test_init_zeros_and_step():
     params = tiny_params(np.float32)
     state = optim.adamw_init(params)
