@@ -557,12 +557,14 @@ def softmax(logits, mask=None, axis=-1):
         return e / xp.sum(e, axis=axis, keepdims=True)
     _check_mask(mask, logits.shape)
     mask = xp.broadcast_to(mask, logits.shape)
-    visible = xp.where(mask, logits, -xp.inf)
-    m = xp.max(visible, axis=axis, keepdims=True)  # (..., 1); -inf on a row with nothing visible
+    e = xp.where(mask, logits, -xp.inf)  # a new array, worked on in place below
+    m = xp.max(e, axis=axis, keepdims=True)  # (..., 1); -inf on a row with nothing visible
     m = xp.where(xp.isfinite(m), m, 0)  # keep -inf - (-inf) = NaN out of empty rows
-    e = xp.where(mask, xp.exp(visible - m), 0)
+    e -= m
+    xp.exp(e, out=e)  # masked entries: exp(-inf) = 0 exactly
     s = xp.sum(e, axis=axis, keepdims=True)
-    return e / xp.where(s > 0, s, 1)  # empty rows: 0 / 1 = 0
+    e /= xp.where(s > 0, s, 1)  # empty rows: 0 / 1 = 0
+    return e
 
 
 def _softmax_vjp(ans, logits, mask=None, axis=-1):
@@ -676,9 +678,10 @@ def layer_norm_free(x, eps=1e-5):
     ``dx = (g - mean(g) - y · mean(g y)) / s`` (all means over the last axis).
     """
     xp = get_array_module(x)
-    xc = x - xp.mean(x, axis=-1, keepdims=True)
+    xc = x - xp.mean(x, axis=-1, keepdims=True)  # a new array, divided in place below
     var = xp.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1), population variance
-    return xc / xp.sqrt(var + eps)
+    xc /= xp.sqrt(var + eps)
+    return xc
 
 
 def _layer_norm_free_vjp(ans, x, eps=1e-5):
