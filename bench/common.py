@@ -97,8 +97,8 @@ def torch_anchors_available(skip=False):
     try:
         import routing_transformer  # noqa: F401
         import torch  # noqa: F401
-    except ImportError:
-        print("torch / routing_transformer not installed: no torch anchors")
+    except Exception as e:  # not installed, or installed but broken (e.g. a mismatched torch)
+        print(f"torch / routing_transformer do not import ({type(e).__name__}: {e}): no torch anchors")
         return False
     return True
 

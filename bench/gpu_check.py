@@ -13,6 +13,9 @@ torch-einops-utils==0.2.0``), from the repository root::
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit
     PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --json $OUT/gpu_check.json
 
+``.whl/`` is git-ignored (``.git/info/exclude``), so the device tool only sends it when
+the call names it: ``carry: [".whl"]``.
+
 What runs, in this order, within about 5 minutes on one H100/H200:
 
 1. ``pytest tests/test_gpu.py`` (CuPy against NumPy for every primitive, the k-means
@@ -85,8 +88,12 @@ def run_tests(records):
     print("== pytest tests/test_gpu.py", flush=True)
     start = time.perf_counter()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-                            cwd=root, capture_output=True, text=True)
+    try:  # bounded, so that a hung test cannot use up the device time before any timing
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 "tests/test_gpu.py"], cwd=root, capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        result = subprocess.CompletedProcess(e.cmd, 1, out + "\ntimed out after 150 s", "")
     print(result.stdout[-6000:], result.stderr[-3000:], sep="\n", flush=True)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "no output"
     record(records, "rt_numpy-cupy", {"check": "tests/test_gpu.py", "summary": summary}, "tests_passed",
@@ -248,7 +255,11 @@ def main(argv=None):
     tests_ok = True if args.no_tests else run_tests(records)
     have_torch = torch_anchors_available(skip=args.no_torch)
     attention_ms = time_attention(records, have_torch, args.quick)
-    train_ms = time_training(records, args.quick)
+    try:
+        train_ms = time_training(records, args.quick)
+    except Exception as e:  # still print the targets and write the JSON of what was measured
+        print(f"training step failed: {type(e).__name__}: {e}", flush=True)
+        train_ms = None
 
     print("\n### targets (issue 5)")
     T = 512 if args.quick else 65536
@@ -258,8 +269,9 @@ def main(argv=None):
         limit = port or PORT_T_AT_H200_MS
         print(f"routing fwd+bwd T={T}: ours {fused:.2f} ms vs {against}: "
               f"{'met' if fused <= limit else 'NOT met'} ({limit / fused:.2f}x)")
-    ratio = train_ms["cpu"] / train_ms["gpu"]
-    print(f"training step: GPU {ratio:.1f}x faster than CPU: {'met' if ratio >= 10 else 'NOT met'} (target 10x)")
+    if train_ms:
+        ratio = train_ms["cpu"] / train_ms["gpu"]
+        print(f"training step: GPU {ratio:.1f}x faster than CPU: {'met' if ratio >= 10 else 'NOT met'} (target 10x)")
     outcome = "not run (--no-tests)" if args.no_tests else "passed" if tests_ok else "FAILED"
     print(f"GPU tests: {outcome}; total {time.perf_counter() - start:.0f} s")
     write_json(args.json, records, machine)
