@@ -22,7 +22,6 @@ T = 2048 ... 16384.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -32,7 +31,8 @@ import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, s
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_parser, machine_line, median_ms, print_table, record, torch_anchors_available, write_json  # noqa: E402
+from common import (bench_parser, machine_line, median_ms, print_table, record, torch_anchors_available,  # noqa: E402
+                    torch_attention_loss, write_json)
 
 D = 64
 DENSE_MAX_ELEMENTS = 2**28  # dense attention only up to H*T*T = 2^28 (1 head at T=16384): 8 heads at T=8192 needed over 24 GiB
@@ -79,17 +79,7 @@ def theirs(kind, H, T, backward):
 
     q, v, g = (torch.from_numpy(a) for a in inputs(H, T))
     W, K = window_for(T)
-    if kind == "port":
-        from routing_transformer.routing_transformer import KmeansAttention
-
-        module = KmeansAttention(K, W, H, D, causal=True, shared_qk=True)
-
-        def forward(q, v):
-            out, aux = module(q, q, v)
-            return (out * g).sum() + aux
-    else:
-        def forward(q, v):
-            return (torch.nn.functional.scaled_dot_product_attention(q, q, v, is_causal=True) * g).sum()
+    forward = torch_attention_loss(kind, g, K, W, H, D)
 
     if not backward:
         def run():

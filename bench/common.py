@@ -103,6 +103,33 @@ def torch_anchors_available(skip=False):
     return True
 
 
+def torch_attention_loss(kind, g, num_clusters, window, heads, dim):
+    """The loss ``forward(q, v)`` that the attention benches differentiate, for a torch anchor.
+
+    ``kind``: ``"port"`` (the PyTorch port's causal, shared-QK ``KmeansAttention``;
+    the loss is ``sum(out * g)`` plus its auxiliary commitment loss) or ``"sdpa"``
+    (``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``,
+    ``sum(out * g)``).  ``g`` is a torch tensor (B, H, T, D); the port's module is
+    put on ``g``'s device.
+    """
+    import torch
+
+    if kind == "port":
+        from routing_transformer.routing_transformer import KmeansAttention
+
+        module = KmeansAttention(num_clusters, window, heads, dim, causal=True, shared_qk=True).to(g.device)
+
+        def forward(q, v):
+            out, aux = module(q, q, v)
+            return (out * g).sum() + aux
+        return forward
+    if kind == "sdpa":
+        def forward(q, v):
+            return (torch.nn.functional.scaled_dot_product_attention(q, q, v, is_causal=True) * g).sum()
+        return forward
+    raise ValueError(f"kind must be 'port' or 'sdpa', got {kind!r}")
+
+
 def bench_parser(doc, quick_help="tiny sizes, few repeats (a smoke test)", torch_and_memory=False):
     """The options every bench script shares: ``--json PATH``, ``--quick`` (and ``--no-torch``, ``--no-memory``)."""
     import argparse

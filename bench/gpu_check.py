@@ -50,7 +50,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from common import bench_parser, machine_line, print_table, record, torch_anchors_available, write_json  # noqa: E402
+from common import (bench_parser, machine_line, print_table, record, torch_anchors_available,  # noqa: E402
+                    torch_attention_loss, write_json)
 
 H, D = 8, 64
 TS = [4096, 16384, 65536]
@@ -130,17 +131,7 @@ def theirs(T, kind):
     dev = torch.device("cuda")
     q, v, g = (torch.from_numpy(a).to(dev) for a in inputs(T))
     W, K = window_for(T)
-    if kind == "port":
-        from routing_transformer.routing_transformer import KmeansAttention
-
-        module = KmeansAttention(K, W, H, D, causal=True, shared_qk=True).to(dev)
-
-        def forward(q, v):
-            out, aux = module(q, q, v)
-            return (out * g).sum() + aux
-    else:
-        def forward(q, v):
-            return (torch.nn.functional.scaled_dot_product_attention(q, q, v, is_causal=True) * g).sum()
+    forward = torch_attention_loss(kind, g, K, W, H, D)  # the port's module goes to g's device
 
     def run():
         qq, vv = q.clone().requires_grad_(), v.clone().requires_grad_()

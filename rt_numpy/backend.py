@@ -60,6 +60,26 @@ def numba_available() -> bool:
     return _module_available("numba")
 
 
+def numba_kernel_applies(*arrays) -> bool:
+    """True when a Numba kernel should run on ``arrays`` instead of the readable array code.
+
+    All of them NumPy float32/float64 arrays of one dtype and one shape, numba
+    installed and compiling (under ``NUMBA_DISABLE_JIT=1`` a kernel's loop
+    would run element by element in Python, so the array code runs instead),
+    and the reference path not forced (:func:`reference_only`).
+    """
+    first = arrays[0]
+    if any(type(x) is not np.ndarray for x in arrays) or first.dtype not in (np.float32, np.float64):
+        return False
+    if any(x.dtype != first.dtype or x.shape != first.shape for x in arrays):
+        return False
+    if resolve_impl("auto") != "numba":
+        return False
+    from numba.core.config import DISABLE_JIT
+
+    return not DISABLE_JIT
+
+
 def cupy_available() -> bool:
     """True when cupy can be imported and sees at least one GPU."""
     if not _module_available("cupy"):

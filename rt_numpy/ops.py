@@ -38,7 +38,7 @@ import math
 from autograd.extend import defvjp, defvjp_argnum, primitive
 from autograd.tracer import getval
 
-from .backend import get_array_module, resolve_impl
+from .backend import get_array_module, numba_kernel_applies
 
 __all__ = [
     "add", "subtract", "multiply", "divide", "scale", "unbroadcast",
@@ -265,20 +265,9 @@ _GELU_A = 0.044715
 
 
 def _gelu_kernels(x):
-    """:mod:`rt_numpy.kernels.numba_elementwise` when it should run on ``x``, else None.
-
-    Float NumPy arrays, Numba installed and compiling (under
-    ``NUMBA_DISABLE_JIT=1`` its loops would run element by element in Python),
-    and the reference path not forced.
-    """
-    xp = get_array_module(x)
-    if xp.__name__ != "numpy" or getattr(x, "dtype", None) not in (xp.float32, xp.float64):
-        return None
-    if resolve_impl("auto", xp) != "numba":
-        return None
-    from numba.core.config import DISABLE_JIT
-
-    if DISABLE_JIT:
+    """:mod:`rt_numpy.kernels.numba_elementwise` when it should run on ``x``
+    (:func:`rt_numpy.backend.numba_kernel_applies`), else None."""
+    if not numba_kernel_applies(x):
         return None
     from rt_numpy.kernels import numba_elementwise
 
@@ -727,7 +716,6 @@ def _clamped_norm(x, eps):
 
 
 def _clamped_norm_vjp(ans, x, eps):
-    xp = get_array_module(x)
     # d||x||/dx = x / ||x|| where the norm is above eps; the clamp is flat below it.
     active = (getval(ans) > eps).astype(x.dtype)  # (..., 1), a constant
     return lambda g: multiply(g, divide(multiply(x, active), ans))  # ans >= eps > 0: no 0/0

@@ -114,19 +114,9 @@ def default_decay_mask(params):
 
 
 def _adamw_kernels(p, g, m, v):
-    """:mod:`rt_numpy.kernels.numba_optim` when it should run on this parameter, else None.
-
-    NumPy float arrays of one dtype, Numba installed and compiling (under
-    ``NUMBA_DISABLE_JIT=1`` its loop would run element by element in Python),
-    and the reference path not forced.
-    """
-    if not all(type(x) is np.ndarray for x in (p, g, m, v)) or p.dtype not in (np.float32, np.float64):
-        return None
-    if any(x.dtype != p.dtype or x.shape != p.shape for x in (g, m, v)) or backend.resolve_impl("auto") != "numba":
-        return None
-    from numba.core.config import DISABLE_JIT
-
-    if DISABLE_JIT:
+    """:mod:`rt_numpy.kernels.numba_optim` when it should run on this parameter
+    (:func:`rt_numpy.backend.numba_kernel_applies`), else None."""
+    if not backend.numba_kernel_applies(p, g, m, v):
         return None
     from rt_numpy.kernels import numba_optim
 

@@ -224,3 +224,17 @@ def test_without_cupy():
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+def test_numba_kernel_applies_only_where_a_kernel_may_run():
+    import numba
+
+    x = np.ones((3, 4), np.float32)
+    compiling = backend.numba_available() and not numba.config.DISABLE_JIT
+    assert backend.numba_kernel_applies(x, x.copy()) is compiling
+    assert not backend.numba_kernel_applies(np.ones((3, 4), np.int64))  # not a float array
+    assert not backend.numba_kernel_applies(x, np.ones((3, 4), np.float64))  # mixed dtypes
+    assert not backend.numba_kernel_applies(x, np.ones((4, 3), np.float32))  # mixed shapes
+    assert not backend.numba_kernel_applies(x, [[1.0] * 4] * 3)  # not an ndarray
+    with backend.reference_only():
+        assert not backend.numba_kernel_applies(x)

@@ -17,6 +17,9 @@ float32 element here), and this form is also more accurate in the tails than
 about -4 in float32 the readable formula's derivative carries an absolute error
 of about 1e-6 that this one does not.  Nothing overflows for any finite x.
 
+The two kernels repeat their first lines on purpose: with those lines in a
+shared helper returning ``(s, 1 - s)`` the loops ran 1.4x and 1.9x slower here.
+
 ``tests/test_elementwise_kernels.py`` checks both kernels against the
 readable formulas over a grid of shapes, dtypes and edge values.  No
 ``fastmath``.  This module is a leaf: it imports numpy and numba only.

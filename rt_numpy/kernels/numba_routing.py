@@ -46,7 +46,6 @@ query row with no visible key outputs 0; with ``last_resort`` the self logit is
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
@@ -199,15 +198,19 @@ def _divide_rows(x, denominators):
             row[d] = row[d] / denominator
 
 
+@njit(cache=True)
+def _cluster_of(i, H, K):
+    """``(b, h, c)`` of the i-th cluster when clusters are numbered b-major: i = (b H + h) K + c."""
+    return i // (H * K), (i // K) % H, i % K
+
+
 @njit(cache=True, parallel=True)
 def _forward_by_cluster(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, cluster_out):
     """Every cluster's (W, D) output into ``cluster_out`` (B, H, K, W, D), one cluster per thread."""
     B, H, K, W = query_windows.shape
     D = q.shape[3]
     for i in prange(B * H * K):
-        b = i // (H * K)
-        h = (i // K) % H
-        c = i % K
+        b, h, c = _cluster_of(i, H, K)
         kT = np.empty((D, W), dtype=q.dtype)
         row = np.empty(W, dtype=q.dtype)
         _cluster_forward(q[b, h], k[b, h], v[b, h], query_windows[b, h, c], key_windows[b, h, c],
@@ -304,6 +307,13 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
         _add_weighted_rows(probs_t[s], g, query_window, first, W, dv_row)
 
 
+@njit(cache=True)
+def _backward_scratch(W, D, dtype):
+    """One thread's scratch for :func:`_cluster_backward`: kT, vT (D, W); p, ds (W,); probs_t, dlogits_t (W, W)."""
+    return (np.empty((D, W), dtype=dtype), np.empty((D, W), dtype=dtype), np.empty(W, dtype=dtype),
+            np.empty(W, dtype=dtype), np.empty((W, W), dtype=dtype), np.empty((W, W), dtype=dtype))
+
+
 @njit(cache=True, parallel=True)
 def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, scale, last_resort, self_logit,
                          dq_clusters, dk_clusters, dv_clusters):
@@ -311,15 +321,8 @@ def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, s
     B, H, K, W = query_windows.shape
     D = q.shape[3]
     for i in prange(B * H * K):
-        b = i // (H * K)
-        h = (i // K) % H
-        c = i % K
-        kT = np.empty((D, W), dtype=q.dtype)
-        vT = np.empty((D, W), dtype=q.dtype)
-        p = np.empty(W, dtype=q.dtype)
-        ds = np.empty(W, dtype=q.dtype)
-        probs_t = np.empty((W, W), dtype=q.dtype)
-        dlogits_t = np.empty((W, W), dtype=q.dtype)
+        b, h, c = _cluster_of(i, H, K)
+        kT, vT, p, ds, probs_t, dlogits_t = _backward_scratch(W, D, q.dtype)
         _cluster_backward(g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h], query_windows[b, h, c],
                           key_windows[b, h, c], scale, last_resort, self_logit, dq_clusters[b, h, c],
                           dk_clusters[b, h, c], dv_clusters[b, h, c], kT, vT, p, ds, probs_t, dlogits_t)
@@ -346,12 +349,7 @@ def _backward_by_head(g, denominators, q, k, v, query_windows, key_windows, scal
     for i in prange(B * H):
         b = i // H
         h = i % H
-        kT = np.empty((D, W), dtype=q.dtype)
-        vT = np.empty((D, W), dtype=q.dtype)
-        p = np.empty(W, dtype=q.dtype)
-        ds = np.empty(W, dtype=q.dtype)
-        probs_t = np.empty((W, W), dtype=q.dtype)
-        dlogits_t = np.empty((W, W), dtype=q.dtype)
+        kT, vT, p, ds, probs_t, dlogits_t = _backward_scratch(W, D, q.dtype)
         dq_rows = np.empty((W, D), dtype=q.dtype)
         dk_rows = np.empty((W, D), dtype=q.dtype)
         dv_rows = np.empty((W, D), dtype=q.dtype)
