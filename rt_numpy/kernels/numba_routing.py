@@ -17,15 +17,21 @@ How they are fast without ``fastmath``:
   query position) are a prefix of the key window, and the queries that see a
   key are a suffix of the query window.  The invisible part is skipped, which
   halves the work of a causal cluster.
-* Forward, a cluster is worked one query row at a time: its W logits stay in
-  L1 and the (W, W) matrix never exists.  Backward keeps one (W, W) tile of
-  probabilities and one of logit gradients per cluster, as scratch.
-* Every innermost loop is elementwise (``out[s] += a0 * x0[s] + a1 * x1[s] +
-  ...``), never a floating-point reduction, so LLVM vectorises it without
-  reordering any sum.  Four terms are added per pass over ``out`` because the
-  loads and stores of ``out``, not the arithmetic, limit these loops.  The
-  cluster's keys (and, backward, values) are gathered once into transposed
-  (D, W) tiles so that the loop over keys is contiguous.
+* A cluster's rows are gathered once into contiguous tiles (keys and values
+  transposed, (D, W), for the products whose inner loop runs over keys; rows,
+  (W, D), for the others), each with ``ROWS - 1`` zero rows of padding.
+* Rows are worked ``ROWS`` = 4 at a time.  Every product is a small matrix
+  product of a (4, n) or (4, D) block with a tile, written so that each number
+  loaded from the tile serves four rows and each pass over an output row
+  carries four terms: ``out_i[s] += a_i0 t_0[s] + a_i1 t_1[s] + a_i2 t_2[s] +
+  a_i3 t_3[s]`` for i = 0..3.  The innermost loop is elementwise, never a
+  floating-point reduction, so LLVM vectorises it without reordering any sum.
+  Against one row at a time, this halves the loads and stores per
+  multiply-add (BENCHMARKS.md, "Routing kernels worked four rows at a time").
+  The four rows of a block share the longest visible prefix; the entries a
+  shorter row does not see get probability 0.
+* Softmax works on the four rows of a block together: their maxima and sums
+  are four independent chains in one loop, so the processor overlaps them.
 * Threads (``prange``) never split the sum at one position, so the result is
   bitwise the same from run to run, for any number of threads, without
   atomics.  With many heads (``"by_head"``), each thread takes whole (b, h)
@@ -35,7 +41,10 @@ How they are fast without ``fastmath``:
   the buffers into positions in the same order (c, r).  Both give the same
   bits.  Either way a call opens one parallel region.
 
-This module is a leaf: it imports numpy and numba only.  No ``fastmath``.
+This module is a leaf: it imports numpy and numba only.  No ``fastmath``;
+``error_model="numpy"`` (a division by zero gives inf or NaN instead of
+raising), which lets LLVM vectorise the loops that divide.  No division here
+can be by zero: a softmax total is at least 1 and a denominator at least eps.
 
 Notes
 -----
@@ -55,10 +64,11 @@ from numba import njit, prange
 # rt_numpy/kernels/__init__.py.
 
 SELF_LOGIT = -5e4  # the "last resort" self logit (SPEC.md 1.4), as in rt_numpy.attention
+ROWS = 4  # rows worked together (the products below are written out for exactly four)
 
 
 # --------------------------------------------------------------------------- building blocks
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _count_at_or_before(window, position):
     """How many entries of the ascending ``window`` are <= ``position`` (binary search)."""
     lo = 0
@@ -72,111 +82,248 @@ def _count_at_or_before(window, position):
     return lo
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _gather_transposed(x, window, out):
-    """``out[d, s] = x[window[s], d]``: x (T, D), window (W,) -> out (D, W)."""
-    D = x.shape[1]
-    for s in range(window.shape[0]):
-        row = x[window[s]]
-        for d in range(D):
-            out[d, s] = row[d]
+    """``out[d, s] = x[window[s], d]``: x (T, D), window (W,) -> out (D, W).
 
-
-@njit(cache=True)
-def _vector_times_tile(x, tile, n, out):
-    """``out[s] = sum_d x[d] tile[d, s]`` for s < n: x (D,), tile (D, W), out (W,).
-
-    The sum over d is taken four terms at a time so that each pass over
-    ``out[:n]`` (one load and one store per entry) carries four products.
+    Four source rows at a time, so that each output row receives four
+    neighbouring numbers per visit.
     """
-    D = x.shape[0]
+    D = x.shape[1]
+    W = window.shape[0]
+    s = 0
+    while s + 4 <= W:
+        r0, r1, r2, r3 = x[window[s]], x[window[s + 1]], x[window[s + 2]], x[window[s + 3]]
+        for d in range(D):
+            o = out[d]
+            o[s] = r0[d]
+            o[s + 1] = r1[d]
+            o[s + 2] = r2[d]
+            o[s + 3] = r3[d]
+        s += 4
+    for rest in range(s, W):
+        r = x[window[rest]]
+        for d in range(D):
+            out[d, rest] = r[d]
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_rows(x, window, out):
+    """``out[s] = x[window[s]]`` for s < W and 0 below: x (T, D), window (W,) -> out (W + ROWS - 1, D)."""
+    W = window.shape[0]
+    for s in range(W):
+        out[s] = x[window[s]]
+    out[W:] = 0
+
+
+@njit(cache=True, error_model="numpy")
+def _rows_times_tile(a, tile, n, out):
+    """``out[i, s] = sum_d a[i, d] tile[d, s]`` for i < 4, s < n: a (4, D), tile (D, W) -> out (4, W).
+
+    Four rows of ``a`` against the tile; the sum over d is taken four terms at
+    a time (one pass over the four output rows per four d).
+    """
+    D = a.shape[1]
+    o0, o1, o2, o3 = out[0], out[1], out[2], out[3]
     for s in range(n):
-        out[s] = 0
+        o0[s] = 0
+        o1[s] = 0
+        o2[s] = 0
+        o3[s] = 0
     d = 0
     while d + 4 <= D:
-        a0, a1, a2, a3 = x[d], x[d + 1], x[d + 2], x[d + 3]
         t0, t1, t2, t3 = tile[d], tile[d + 1], tile[d + 2], tile[d + 3]
+        a00, a01, a02, a03 = a[0, d], a[0, d + 1], a[0, d + 2], a[0, d + 3]
+        a10, a11, a12, a13 = a[1, d], a[1, d + 1], a[1, d + 2], a[1, d + 3]
+        a20, a21, a22, a23 = a[2, d], a[2, d + 1], a[2, d + 2], a[2, d + 3]
+        a30, a31, a32, a33 = a[3, d], a[3, d + 1], a[3, d + 2], a[3, d + 3]
         for s in range(n):
-            out[s] += a0 * t0[s] + a1 * t1[s] + a2 * t2[s] + a3 * t3[s]
+            x0, x1, x2, x3 = t0[s], t1[s], t2[s], t3[s]
+            o0[s] += a00 * x0 + a01 * x1 + a02 * x2 + a03 * x3
+            o1[s] += a10 * x0 + a11 * x1 + a12 * x2 + a13 * x3
+            o2[s] += a20 * x0 + a21 * x1 + a22 * x2 + a23 * x3
+            o3[s] += a30 * x0 + a31 * x1 + a32 * x2 + a33 * x3
         d += 4
     for rest in range(d, D):
-        a = x[rest]
         t = tile[rest]
+        a0, a1, a2, a3 = a[0, rest], a[1, rest], a[2, rest], a[3, rest]
         for s in range(n):
-            out[s] += a * t[s]
+            x = t[s]
+            o0[s] += a0 * x
+            o1[s] += a1 * x
+            o2[s] += a2 * x
+            o3[s] += a3 * x
 
 
-@njit(cache=True)
-def _add_weighted_rows(weights, rows, index, start, stop, out):
-    """``out[:] += sum_i weights[i] rows[index[i]]`` over i in [start, stop): out (D,), rows (T, D).
+@njit(cache=True, error_model="numpy")
+def _weights_times_rows(w, rows, start, stop, out):
+    """``out[i] = sum_{s in [start, stop)} w[i, s] rows[s]`` for i < 4: w (4, W), rows (W, D) -> out (4, D).
 
-    Four rows per pass over ``out``, as in :func:`_vector_times_tile`.
+    Four weighted rows per pass over the four output rows.
     """
-    D = out.shape[0]
-    i = start
-    while i + 4 <= stop:
-        w0, w1, w2, w3 = weights[i], weights[i + 1], weights[i + 2], weights[i + 3]
-        x0, x1, x2, x3 = rows[index[i]], rows[index[i + 1]], rows[index[i + 2]], rows[index[i + 3]]
+    D = rows.shape[1]
+    c0, c1, c2, c3 = out[0], out[1], out[2], out[3]
+    c0[:] = 0
+    c1[:] = 0
+    c2[:] = 0
+    c3[:] = 0
+    w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+    s = start
+    while s + 4 <= stop:
+        x0, x1, x2, x3 = rows[s], rows[s + 1], rows[s + 2], rows[s + 3]
+        a00, a01, a02, a03 = w0[s], w0[s + 1], w0[s + 2], w0[s + 3]
+        a10, a11, a12, a13 = w1[s], w1[s + 1], w1[s + 2], w1[s + 3]
+        a20, a21, a22, a23 = w2[s], w2[s + 1], w2[s + 2], w2[s + 3]
+        a30, a31, a32, a33 = w3[s], w3[s + 1], w3[s + 2], w3[s + 3]
         for d in range(D):
-            out[d] += w0 * x0[d] + w1 * x1[d] + w2 * x2[d] + w3 * x3[d]
-        i += 4
-    for rest in range(i, stop):
-        w = weights[rest]
-        x = rows[index[rest]]
+            y0, y1, y2, y3 = x0[d], x1[d], x2[d], x3[d]
+            c0[d] += a00 * y0 + a01 * y1 + a02 * y2 + a03 * y3
+            c1[d] += a10 * y0 + a11 * y1 + a12 * y2 + a13 * y3
+            c2[d] += a20 * y0 + a21 * y1 + a22 * y2 + a23 * y3
+            c3[d] += a30 * y0 + a31 * y1 + a32 * y2 + a33 * y3
+        s += 4
+    for rest in range(s, stop):
+        x = rows[rest]
+        a0, a1, a2, a3 = w0[rest], w1[rest], w2[rest], w3[rest]
         for d in range(D):
-            out[d] += w * x[d]
+            y = x[d]
+            c0[d] += a0 * y
+            c1[d] += a1 * y
+            c2[d] += a2 * y
+            c3[d] += a3 * y
 
 
-@njit(cache=True)
-def _probability_row(q_row, kT, key_window, n, position, scale, last_resort, self_logit, row):
-    """Softmax probabilities of one query over the first ``n`` (visible) keys of its cluster.
+@njit(cache=True, error_model="numpy")
+def _block_softmax(p, counts, n, key_window, positions, scale, last_resort, self_logit):
+    """Four rows' logits (4, W) -> probabilities, in place, over the first ``n`` entries.
 
-    q_row (D,), kT (D, W) the cluster's keys transposed, key_window (W,).
-    Writes ``row[:n]``; ``n >= 1``.  ``scale`` and ``self_logit`` are scalars
-    of the data's dtype, so that float32 stays float32.
+    Row i sees its first ``counts[i]`` keys: ``p[i, :count] <- softmax(scale
+    p[i, :count])`` and ``p[i, count:n] <- 0`` (its masked logits are set to
+    -inf, whose exponential is exactly 0); a row that sees nothing is all
+    zeros.  The four rows' maxima and sums are taken in the same loops, as
+    four independent chains, each still summed in key order.  ``scale`` and
+    ``self_logit`` are scalars of the data's dtype, so that float32 stays float32.
     """
-    _vector_times_tile(q_row, kT, n, row)  # (D,) @ (D, n) -> (n,)
-    for s in range(n):
-        row[s] = row[s] * scale
-    if last_resort:
-        for s in range(n):
-            if key_window[s] == position:
-                row[s] = self_logit
-    largest = row[0]
+    zero = scale - scale
+    for i in range(ROWS):  # scale, self rule, mask
+        row = p[i]
+        count = counts[i]
+        for s in range(count):
+            row[s] = row[s] * scale
+        if last_resort:
+            for s in range(count):
+                if key_window[s] == positions[i]:
+                    row[s] = self_logit
+        for s in range(count, n):
+            row[s] = -np.inf
+    p0, p1, p2, p3 = p[0], p[1], p[2], p[3]  # row maxima
+    m0, m1, m2, m3 = p0[0], p1[0], p2[0], p3[0]
     for s in range(1, n):
-        if row[s] > largest:
-            largest = row[s]
-    total = scale - scale  # a zero of the data's dtype
+        x0, x1, x2, x3 = p0[s], p1[s], p2[s], p3[s]
+        m0 = x0 if x0 > m0 else m0
+        m1 = x1 if x1 > m1 else m1
+        m2 = x2 if x2 > m2 else m2
+        m3 = x3 if x3 > m3 else m3
+    # A row that sees nothing has maximum -inf: shift it by 0 instead (its exponentials are 0, not NaN).
+    m0 = m0 if counts[0] > 0 else zero
+    m1 = m1 if counts[1] > 0 else zero
+    m2 = m2 if counts[2] > 0 else zero
+    m3 = m3 if counts[3] > 0 else zero
+    t0, t1, t2, t3 = zero, zero, zero, zero
     for s in range(n):
-        e = math.exp(row[s] - largest)
-        row[s] = e
-        total += e
-    for s in range(n):
-        row[s] = row[s] / total
+        e0 = math.exp(p0[s] - m0)
+        e1 = math.exp(p1[s] - m1)
+        e2 = math.exp(p2[s] - m2)
+        e3 = math.exp(p3[s] - m3)
+        p0[s] = e0
+        p1[s] = e1
+        p2[s] = e2
+        p3[s] = e3
+        t0 += e0
+        t1 += e1
+        t2 += e2
+        t3 += e3
+    totals = (t0, t1, t2, t3)
+    for i in range(ROWS):  # normalise
+        row = p[i]
+        if counts[i] == 0:
+            for s in range(n):
+                row[s] = zero
+        else:
+            total = totals[i]
+            for s in range(n):
+                row[s] = row[s] / total
+
+
+@njit(cache=True, error_model="numpy")
+def _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort, self_logit):
+    """Probabilities of query rows r0 .. r0 + 3 of a cluster into ``tiles.p``; returns the block's n.
+
+    Row i's visible keys are the first ``counts[i]`` of the key window; the
+    block's n is the largest count (the last real row's, windows being
+    sorted), and every row gets probability 0 on [counts[i], n).  Rows past
+    the window's end (padding) get count 0.
+    """
+    W = query_window.shape[0]
+    counts, positions = tiles[7], tiles[8]
+    for i in range(ROWS):
+        if r0 + i < W:
+            positions[i] = query_window[r0 + i]
+            counts[i] = _count_at_or_before(key_window, positions[i])
+        else:
+            positions[i] = -1
+            counts[i] = 0
+    n = counts[min(ROWS, W - r0) - 1]
+    if n > 0:
+        kT, q_rows, p = tiles[0], tiles[2], tiles[5]
+        _rows_times_tile(q_rows[r0:r0 + ROWS], kT, n, p)  # (4, D) @ (D, n) -> (4, n)
+        _block_softmax(p, counts, n, key_window, positions, scale, last_resort, self_logit)
+    return n
+
+
+@njit(cache=True, error_model="numpy")
+def _cluster_scratch(W, D, dtype):
+    """One thread's scratch for one cluster (a tuple, indexed by the kernels):
+
+    0 kT (D, W) keys transposed; 1 vT (D, W) values transposed (backward);
+    2 q_rows, 3 g_rows, 4 kv_rows (W + 3, D) gathered query rows, upstream rows
+    (backward) and key or value rows; 5 p (4, W) a block's probabilities;
+    6 out (4, D) a block's output rows; 7 counts, 8 positions (4,) int64;
+    9 probs_t, 10 dlogits_t (W + 3, W) transposed weights and 11 ds (4, W)
+    a block's logit gradients (backward).
+    """
+    pad = W + ROWS - 1
+    return (np.empty((D, W), dtype=dtype), np.empty((D, W), dtype=dtype),
+            np.empty((pad, D), dtype=dtype), np.empty((pad, D), dtype=dtype), np.empty((pad, D), dtype=dtype),
+            np.empty((ROWS, W), dtype=dtype), np.empty((ROWS, D), dtype=dtype),
+            np.empty(ROWS, dtype=np.int64), np.empty(ROWS, dtype=np.int64),
+            np.empty((pad, W), dtype=dtype), np.empty((pad, W), dtype=dtype), np.empty((ROWS, W), dtype=dtype))
 
 
 # --------------------------------------------------------------------------- forward
-@njit(cache=True)
-def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self_logit, out, kT, row):
+@njit(cache=True, error_model="numpy")
+def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self_logit, out, tiles):
     """Attention inside one cluster: ``out[r] = softmax(logits[r]) @ v[J]``.
 
     q, k, v (T, D) of one (b, h); query_window, key_window (W,); out (W, D)
-    written; kT (D, W) and row (W,) are scratch.
+    written; tiles from :func:`_cluster_scratch`.
     """
     W = query_window.shape[0]
+    kT, q_rows, v_rows, p, block_out = tiles[0], tiles[2], tiles[4], tiles[5], tiles[6]
     _gather_transposed(k, key_window, kT)  # (T, D) -> (D, W)
-    for r in range(W):
-        position = query_window[r]
-        out_row = out[r]
-        out_row[:] = 0
-        n = _count_at_or_before(key_window, position)
+    _gather_rows(q, query_window, q_rows)  # (T, D) -> (W + 3, D)
+    _gather_rows(v, key_window, v_rows)  # (T, D) -> (W + 3, D)
+    for r0 in range(0, W, ROWS):
+        rows = min(ROWS, W - r0)
+        n = _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort, self_logit)
         if n == 0:
-            continue  # nothing visible: this row outputs 0 (SPEC.md 1.4)
-        _probability_row(q[position], kT, key_window, n, position, scale, last_resort, self_logit, row)
-        _add_weighted_rows(row, v, key_window, 0, n, out_row)  # (n,) @ (n, D) -> (D,)
+            out[r0:r0 + rows] = 0  # nothing visible: these rows output 0 (SPEC.md 1.4)
+            continue
+        _weights_times_rows(p, v_rows, 0, n, block_out)  # (4, n) @ (n, D) -> (4, D)
+        out[r0:r0 + rows] = block_out[:rows]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _add_rows_at(rows, window, out):
     """``out[window[r]] += rows[r]`` in the order r = 0, 1, ...: rows (W, D), window (W,), out (T, D)."""
     D = out.shape[1]
@@ -187,7 +334,7 @@ def _add_rows_at(rows, window, out):
             dst[d] += src[d]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _divide_rows(x, denominators):
     """``x[t] /= denominators[t]``: x (T, D), denominators (T,)."""
     D = x.shape[1]
@@ -198,26 +345,25 @@ def _divide_rows(x, denominators):
             row[d] = row[d] / denominator
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _cluster_of(i, H, K):
     """``(b, h, c)`` of the i-th cluster when clusters are numbered b-major: i = (b H + h) K + c."""
     return i // (H * K), (i // K) % H, i % K
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _forward_by_cluster(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, cluster_out):
     """Every cluster's (W, D) output into ``cluster_out`` (B, H, K, W, D), one cluster per thread."""
     B, H, K, W = query_windows.shape
     D = q.shape[3]
     for i in prange(B * H * K):
         b, h, c = _cluster_of(i, H, K)
-        kT = np.empty((D, W), dtype=q.dtype)
-        row = np.empty(W, dtype=q.dtype)
+        tiles = _cluster_scratch(W, D, q.dtype)
         _cluster_forward(q[b, h], k[b, h], v[b, h], query_windows[b, h, c], key_windows[b, h, c],
-                         scale, last_resort, self_logit, cluster_out[b, h, c], kT, row)
+                         scale, last_resort, self_logit, cluster_out[b, h, c], tiles)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _scatter_mean(cluster_out, query_windows, denominators, out):
     """``out[t] = (sum of the cluster rows at position t) / denominators[t]``.
 
@@ -233,7 +379,7 @@ def _scatter_mean(cluster_out, query_windows, denominators, out):
             _divide_rows(out[b, h], denominators[b, h])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _forward_by_head(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, denominators, out):
     """One (b, h) per thread: its clusters in order, each added into ``out`` (B, H, T, D, zeroed)
     as soon as it is done, then the division by ``denominators`` (B, H, T)."""
@@ -242,20 +388,19 @@ def _forward_by_head(q, k, v, query_windows, key_windows, scale, last_resort, se
     for i in prange(B * H):
         b = i // H
         h = i % H
-        kT = np.empty((D, W), dtype=q.dtype)
-        row = np.empty(W, dtype=q.dtype)
+        tiles = _cluster_scratch(W, D, q.dtype)
         rows = np.empty((W, D), dtype=q.dtype)
         for c in range(K):
             _cluster_forward(q[b, h], k[b, h], v[b, h], query_windows[b, h, c], key_windows[b, h, c],
-                             scale, last_resort, self_logit, rows, kT, row)
+                             scale, last_resort, self_logit, rows, tiles)
             _add_rows_at(rows, query_windows[b, h, c], out[b, h])
         _divide_rows(out[b, h], denominators[b, h])
 
 
 # --------------------------------------------------------------------------- backward
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale, last_resort, self_logit,
-                      dq_out, dk_out, dv_out, kT, vT, p, ds, probs_t, dlogits_t):
+                      dq_out, dk_out, dv_out, tiles):
     """Gradients of one cluster.
 
     g, q, k, v (T, D) and denominators (T,) = count + eps, of one (b, h).  Query
@@ -263,58 +408,62 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
     ``dp_s = g_r . v_s / den_r``, ``ds_s = scale p_s (dp_s - sum_s' dp_s' p_s')``,
     then ``dq_r = sum_s ds_s k_s``, ``dk_s = sum_r ds_s q_r``,
     ``dv_s = sum_r p_s g_r / den_r``.  dq_out, dk_out, dv_out (W, D) are
-    written.  Scratch: kT, vT (D, W); p, ds (W,) for one query row; probs_t,
-    dlogits_t (W, W) keep every row's ``p / den`` and ``ds`` transposed, so
-    that the sums over queries for dk and dv read contiguous weights (only the
-    visible entries are ever written or read).
+    written.  The first pass goes over query blocks (probabilities, ds, dq)
+    and keeps every row's ``p / den`` and ``ds`` transposed in ``probs_t`` and
+    ``dlogits_t``; the second goes over key blocks (dk, dv), whose weights are
+    then rows of those tiles.
     """
     W = query_window.shape[0]
+    kT, vT, q_rows, g_rows, k_rows = tiles[0], tiles[1], tiles[2], tiles[3], tiles[4]
+    p, block_out, positions = tiles[5], tiles[6], tiles[8]
+    probs_t, dlogits_t = tiles[9], tiles[10]
     _gather_transposed(k, key_window, kT)  # (T, D) -> (D, W)
     _gather_transposed(v, key_window, vT)  # (T, D) -> (D, W)
+    _gather_rows(q, query_window, q_rows)  # (T, D) -> (W + 3, D)
+    _gather_rows(g, query_window, g_rows)
+    _gather_rows(k, key_window, k_rows)
+    probs_t[:] = 0  # entries a query does not see stay 0
+    dlogits_t[:] = 0
     zero = scale - scale
-    for r in range(W):
-        position = query_window[r]
-        dq_row = dq_out[r]
-        dq_row[:] = 0
-        n = _count_at_or_before(key_window, position)
+    ds = tiles[11]
+    for r0 in range(0, W, ROWS):
+        rows = min(ROWS, W - r0)
+        n = _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort, self_logit)
         if n == 0:
-            continue  # the row outputs 0 whatever q, k, v are: no gradient
-        denominator = denominators[position]
-        _probability_row(q[position], kT, key_window, n, position, scale, last_resort, self_logit, p)
+            dq_out[r0:r0 + rows] = 0  # these rows output 0 whatever q, k, v are: no gradient
+            continue
         # dp without the 1 / den_r factor, which is taken once below instead of for every entry.
-        _vector_times_tile(g[position], vT, n, ds)  # g_r v_J^T: (D,) @ (D, n) -> (n,)
-        delta = zero
-        for s in range(n):
-            delta += ds[s] * p[s]
-        factor = scale / denominator
-        for s in range(n):
-            ds[s] = factor * (p[s] * (ds[s] - delta))
-        if last_resort:
+        _rows_times_tile(g_rows[r0:r0 + ROWS], vT, n, ds)  # g_r v_J^T: (4, D) @ (D, n) -> (4, n)
+        for i in range(rows):
+            position = positions[i]
+            denominator = denominators[position]
+            pi, dsi = p[i], ds[i]
+            delta = zero
             for s in range(n):
-                if key_window[s] == position:
-                    ds[s] = zero  # the self logit is the constant -5e4: nothing reaches q or k
-        _add_weighted_rows(ds, k, key_window, 0, n, dq_row)  # (n,) @ (n, D) -> (D,)
-        for s in range(n):
-            probs_t[s, r] = p[s] / denominator  # the weight of g_r in dv_s
-            dlogits_t[s, r] = ds[s]
-    for s in range(W):
-        dk_row = dk_out[s]
-        dv_row = dv_out[s]
-        dk_row[:] = 0
-        dv_row[:] = 0
-        first = _count_at_or_before(query_window, key_window[s] - 1)  # queries that see key s: [first, W)
-        _add_weighted_rows(dlogits_t[s], q, query_window, first, W, dk_row)  # (W,) @ (W, D) -> (D,)
-        _add_weighted_rows(probs_t[s], g, query_window, first, W, dv_row)
+                delta += dsi[s] * pi[s]
+            factor = scale / denominator
+            for s in range(n):
+                dsi[s] = factor * (pi[s] * (dsi[s] - delta))
+            if last_resort:
+                for s in range(n):
+                    if key_window[s] == position:
+                        dsi[s] = zero  # the self logit is the constant -5e4: nothing reaches q or k
+            for s in range(n):
+                probs_t[s, r0 + i] = pi[s] / denominator  # the weight of g_r in dv_s
+                dlogits_t[s, r0 + i] = dsi[s]
+        # Padding rows (past W) have zero upstream rows, hence ds = 0: they add nothing to dq.
+        _weights_times_rows(ds, k_rows, 0, n, block_out)  # (4, n) @ (n, D) -> (4, D)
+        dq_out[r0:r0 + rows] = block_out[:rows]
+    for s0 in range(0, W, ROWS):
+        rows = min(ROWS, W - s0)
+        first = _count_at_or_before(query_window, key_window[s0] - 1)  # queries that see key s0: [first, W)
+        _weights_times_rows(dlogits_t[s0:s0 + ROWS], q_rows, first, W, block_out)  # (4, W) @ (W, D) -> (4, D)
+        dk_out[s0:s0 + rows] = block_out[:rows]
+        _weights_times_rows(probs_t[s0:s0 + ROWS], g_rows, first, W, block_out)
+        dv_out[s0:s0 + rows] = block_out[:rows]
 
 
-@njit(cache=True)
-def _backward_scratch(W, D, dtype):
-    """One thread's scratch for :func:`_cluster_backward`: kT, vT (D, W); p, ds (W,); probs_t, dlogits_t (W, W)."""
-    return (np.empty((D, W), dtype=dtype), np.empty((D, W), dtype=dtype), np.empty(W, dtype=dtype),
-            np.empty(W, dtype=dtype), np.empty((W, W), dtype=dtype), np.empty((W, W), dtype=dtype))
-
-
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, scale, last_resort, self_logit,
                          dq_clusters, dk_clusters, dv_clusters):
     """Every cluster's gradient rows into the (B, H, K, W, D) buffers, one cluster per thread."""
@@ -322,13 +471,13 @@ def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, s
     D = q.shape[3]
     for i in prange(B * H * K):
         b, h, c = _cluster_of(i, H, K)
-        kT, vT, p, ds, probs_t, dlogits_t = _backward_scratch(W, D, q.dtype)
+        tiles = _cluster_scratch(W, D, q.dtype)
         _cluster_backward(g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h], query_windows[b, h, c],
                           key_windows[b, h, c], scale, last_resort, self_logit, dq_clusters[b, h, c],
-                          dk_clusters[b, h, c], dv_clusters[b, h, c], kT, vT, p, ds, probs_t, dlogits_t)
+                          dk_clusters[b, h, c], dv_clusters[b, h, c], tiles)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key_windows, dq, dk, dv):
     """Add the cluster gradient rows into positions in the order (c, r); serial, as :func:`_scatter_mean`."""
     B, H, K, W = query_windows.shape
@@ -340,7 +489,7 @@ def _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key
                 _add_rows_at(dv_clusters[b, h, c], key_windows[b, h, c], dv[b, h])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _backward_by_head(g, denominators, q, k, v, query_windows, key_windows, scale, last_resort, self_logit,
                       dq, dk, dv):
     """One (b, h) per thread: its clusters in order, each added into dq, dk, dv (zeroed) when done."""
@@ -349,14 +498,14 @@ def _backward_by_head(g, denominators, q, k, v, query_windows, key_windows, scal
     for i in prange(B * H):
         b = i // H
         h = i % H
-        kT, vT, p, ds, probs_t, dlogits_t = _backward_scratch(W, D, q.dtype)
+        tiles = _cluster_scratch(W, D, q.dtype)
         dq_rows = np.empty((W, D), dtype=q.dtype)
         dk_rows = np.empty((W, D), dtype=q.dtype)
         dv_rows = np.empty((W, D), dtype=q.dtype)
         for c in range(K):
             _cluster_backward(g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h], query_windows[b, h, c],
                               key_windows[b, h, c], scale, last_resort, self_logit, dq_rows, dk_rows, dv_rows,
-                              kT, vT, p, ds, probs_t, dlogits_t)
+                              tiles)
             _add_rows_at(dq_rows, query_windows[b, h, c], dq[b, h])
             _add_rows_at(dk_rows, key_windows[b, h, c], dk[b, h])
             _add_rows_at(dv_rows, key_windows[b, h, c], dv[b, h])
