@@ -822,7 +822,12 @@ def scatter_add_rows(y, idx, n):
         out = cupy_ops.scatter_add_rows(xp.reshape(y, (-1, D)), rows, math.prod(lead) * n)  # (R, D)
     else:
         out = xp.zeros((math.prod(lead) * n, D), dtype=y.dtype)  # (R, D)
-        xp.add.at(out, rows, xp.reshape(y, (-1, D)))  # unbuffered: repeated rows accumulate
+        if numba_kernel_applies(out):  # the same additions in the same order as add.at, compiled
+            from rt_numpy.kernels import numba_scatter
+
+            numba_scatter.add_rows_at(out, rows, xp.ascontiguousarray(xp.reshape(y, (-1, D))))
+        else:
+            xp.add.at(out, rows, xp.reshape(y, (-1, D)))  # unbuffered: repeated rows accumulate
     return xp.reshape(out, tuple(lead) + (n, D))  # (R, D) -> (..., n, D)
 
 

@@ -16,7 +16,7 @@ from autograd import elementwise_grad
 from autograd.test_util import check_grads
 
 from rt_numpy import backend, ops
-from rt_numpy.kernels import numba_elementwise
+from rt_numpy.kernels import numba_elementwise, numba_scatter
 
 # Against the formulas evaluated in float64 (the truth, to ~1e-15): (rtol, atol).  In float32 the
 # kernels are closer to it than the float32 formula itself, whose derivative carries absolute errors
@@ -116,3 +116,32 @@ def test_ops_uses_the_kernels_and_keeps_the_gradients():
 def test_bad_input_is_refused(bad):
     with pytest.raises(TypeError, match="float32 or float64"):
         numba_elementwise.gelu(bad)
+
+
+# ------------------------------------------------------------------ the scatter-add of rows
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("R,M,D", [(1, 1, 1), (3, 17, 5), (256, 2000, 64), (7, 0, 3)])
+def test_add_rows_at_is_add_at_bit_for_bit(dtype, R, M, D):
+    rng = np.random.default_rng(R * 1000 + M)
+    rows = rng.integers(0, R, size=M).astype(np.int64)  # repeats: many rows land in the same place
+    y = (1e3 * rng.standard_normal((M, D))).astype(dtype)  # large values: the order of additions shows
+    want = np.zeros((R, D), dtype)
+    np.add.at(want, rows, y)
+    got = np.zeros((R, D), dtype)
+    numba_scatter.add_rows_at(got, rows, y)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_scatter_add_rows_uses_the_kernel_and_agrees_with_add_at(monkeypatch):
+    rng = np.random.default_rng(5)
+    y = rng.standard_normal((2, 300, 8)).astype(np.float32)  # (B, M, D)
+    idx = rng.integers(0, 10, size=(2, 300))
+    calls = []
+    real = numba_scatter.add_rows_at
+    monkeypatch.setattr(numba_scatter, "add_rows_at", lambda *a: calls.append(1) or real(*a))
+    got = ops.scatter_add_rows(y, idx, 10)  # (2, 10, 8)
+    want = np.zeros((2, 10, 8), np.float32)
+    for b in range(2):
+        np.add.at(want[b], idx[b], y[b])
+    assert calls == ([1] if backend.numba_kernel_applies(y) else [])  # not under NUMBA_DISABLE_JIT=1
+    np.testing.assert_array_equal(got, want)

@@ -478,15 +478,26 @@ def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, s
 
 
 @njit(cache=True, error_model="numpy")
-def _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key_windows, dq, dk, dv):
-    """Add the cluster gradient rows into positions in the order (c, r); serial, as :func:`_scatter_mean`."""
-    B, H, K, W = query_windows.shape
+def _scatter_rows(cluster_rows, windows, out):
+    """``out[b, h, windows[b, h, c, r]] += cluster_rows[b, h, c, r]`` in the order (b, h, c, r)."""
+    B, H, K, W = windows.shape
     for b in range(B):
         for h in range(H):
             for c in range(K):
-                _add_rows_at(dq_clusters[b, h, c], query_windows[b, h, c], dq[b, h])
-                _add_rows_at(dk_clusters[b, h, c], key_windows[b, h, c], dk[b, h])
-                _add_rows_at(dv_clusters[b, h, c], key_windows[b, h, c], dv[b, h])
+                _add_rows_at(cluster_rows[b, h, c], windows[b, h, c], out[b, h])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key_windows, dq, dk, dv):
+    """Add the cluster gradient rows into positions in the order (c, r), as :func:`_scatter_mean`
+    does; dq, dk and dv are independent, so they go to different threads."""
+    for which in prange(3):
+        if which == 0:
+            _scatter_rows(dq_clusters, query_windows, dq)
+        elif which == 1:
+            _scatter_rows(dk_clusters, key_windows, dk)
+        else:
+            _scatter_rows(dv_clusters, key_windows, dv)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
