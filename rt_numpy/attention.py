@@ -20,6 +20,7 @@ SPEC.md sections 1, 2 and 4; paper sections 3 and 4.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -264,8 +265,11 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
                                  f"got {tuple(m.shape)} {m.dtype}")
 
     # 1. Normalise and route.  Routing decisions are integers: constants for autograd.
-    qn = kmeans.normalize(q, norm)  # (B, H, T, D)
-    kn = qn if shared_qk else kmeans.normalize(k, norm)
+    # impl="ref" keeps the normalisation on its readable formula too (its forward; the layer
+    # norm's first-order gradient may still take the fused kernel, equal to rounding).
+    with backend.reference_only() if impl == "ref" else contextlib.nullcontext():
+        qn = kmeans.normalize(q, norm)  # (B, H, T, D)
+        kn = qn if shared_qk else kmeans.normalize(k, norm)
     streams = [qn] if shared_qk else [qn, kn]
     # The routing decisions use the k-means fast path unless the reference was asked for.
     routing_impl = "ref" if impl == "ref" else "auto"

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 
 from autograd.extend import defvjp, defvjp_argnum, primitive
-from autograd.tracer import getval
+from autograd.tracer import getval, isbox
 
 from .backend import get_array_module, numba_kernel_applies
 
@@ -665,7 +665,14 @@ def layer_norm_free(x, eps=1e-5):
     -----
     With ``y`` the output and ``s = sqrt(var + eps)``:
     ``dx = (g - mean(g) - y · mean(g y)) / s`` (all means over the last axis).
+    On NumPy arrays with Numba, :mod:`rt_numpy.kernels.numba_norm` computes
+    the value, and the gradient when it is not itself being differentiated,
+    one row at a time.
     """
+    if numba_kernel_applies(x):  # one pass per row instead of four over the array
+        from rt_numpy.kernels import numba_norm
+
+        return numba_norm.layer_norm(x, eps)
     xp = get_array_module(x)
     xc = x - xp.mean(x, axis=-1, keepdims=True)  # a new array, divided in place below
     var = xp.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1), population variance
@@ -675,6 +682,11 @@ def layer_norm_free(x, eps=1e-5):
 
 def _layer_norm_free_vjp(ans, x, eps=1e-5):
     def vjp(g):
+        if not isbox(g) and not isbox(x) and numba_kernel_applies(x, ans, g):
+            # A first-order gradient (nothing traces it): one fused pass per row.
+            from rt_numpy.kernels import numba_norm
+
+            return numba_norm.layer_norm_grad(x, ans, g, eps)
         # s recomputed with primitives so that the VJP depends on x differentiably.
         xc = subtract(x, mean(x, -1, True))
         s = sqrt(add(mean(square(xc), -1, True), eps))  # (..., 1)

@@ -16,7 +16,7 @@ from autograd import elementwise_grad
 from autograd.test_util import check_grads
 
 from rt_numpy import backend, ops
-from rt_numpy.kernels import numba_elementwise, numba_scatter
+from rt_numpy.kernels import numba_elementwise, numba_norm, numba_scatter
 
 # Against the formulas evaluated in float64 (the truth, to ~1e-15): (rtol, atol).  In float32 the
 # kernels are closer to it than the float32 formula itself, whose derivative carries absolute errors
@@ -145,3 +145,62 @@ def test_scatter_add_rows_uses_the_kernel_and_agrees_with_add_at(monkeypatch):
         np.add.at(want[b], idx[b], y[b])
     assert calls == ([1] if backend.numba_kernel_applies(y) else [])  # not under NUMBA_DISABLE_JIT=1
     np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------ the parameter-free layer norm
+def _layer_norm_formula(x, eps):
+    x = x.astype(np.float64)
+    xc = x - x.mean(-1, keepdims=True)
+    return xc / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)
+
+
+LN_SHAPES = [(1,), (7,), (3, 5), (2, 3, 64), (4, 513), (1, 40, 512)]
+
+
+@pytest.mark.parametrize("shape,dtype", list(itertools.product(LN_SHAPES, [np.float32, np.float64])))
+def test_layer_norm_kernels_equal_the_formulas(shape, dtype):
+    rng = np.random.default_rng(len(shape) * 10 + shape[-1])
+    x = (3 + 5 * rng.standard_normal(shape)).astype(dtype)  # an offset: the mean matters
+    g = rng.standard_normal(shape).astype(dtype)
+    eps = 1e-5
+    y = numba_norm.layer_norm(x, eps)
+    want_y = _layer_norm_formula(x, eps)
+    # The exact gradient, from autograd on the float64 formula.
+    want_dx = elementwise_grad(lambda z: _ln_autograd(z, eps) * g.astype(np.float64))(x.astype(np.float64))
+    dx = numba_norm.layer_norm_grad(x, y, g, eps)
+    rtol, atol = (2e-5, 2e-5) if dtype == np.float32 else (1e-12, 1e-12)
+    assert y.shape == x.shape and y.dtype == dtype and dx.dtype == dtype
+    np.testing.assert_allclose(y, want_y, rtol=rtol, atol=atol)
+    scale_dx = max(np.abs(want_dx).max(), 1e-30)
+    np.testing.assert_allclose(dx / scale_dx, want_dx / scale_dx, rtol=rtol, atol=10 * atol)
+
+
+def _ln_autograd(x, eps):
+    import autograd.numpy as anp
+
+    xc = x - anp.mean(x, axis=-1, keepdims=True)
+    return xc / anp.sqrt(anp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+
+
+def test_layer_norm_free_uses_the_kernels_and_stays_twice_differentiable(monkeypatch):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 4, 8))
+    calls = []
+    for name in ("layer_norm", "layer_norm_grad"):
+        real = getattr(numba_norm, name)
+        monkeypatch.setattr(numba_norm, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    g = rng.standard_normal(x.shape)
+    dx = elementwise_grad(lambda z: ops.multiply(ops.layer_norm_free(z, 1e-5), g))(x)
+    np.testing.assert_allclose(dx, elementwise_grad(lambda z: _ln_autograd(z, 1e-5) * g)(x), rtol=1e-10, atol=1e-12)
+    if backend.numba_kernel_applies(x):  # not under NUMBA_DISABLE_JIT=1, where the formulas run
+        assert calls == ["layer_norm", "layer_norm_grad"]
+    # Second order goes through the primitives (the kernel gradient is first-order only).
+    check_grads(lambda z: ops.sum(ops.multiply(ops.layer_norm_free(z, 1e-5), g)), modes=["rev"], order=2)(x)
+
+
+def test_layer_norm_kernels_refuse_bad_input():
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(TypeError, match="x must be a float32 or float64"):
+        numba_norm.layer_norm(x.astype(np.int64), 1e-5)
+    with pytest.raises(ValueError, match="g must have the shape"):
+        numba_norm.layer_norm_grad(x, x, np.ones((3, 2), np.float32), 1e-5)
