@@ -79,6 +79,45 @@ __device__ void stage_keys(const T* k, const T* v, const long long* key_window, 
         if (c0 + j < W) key_pos[j] = key_window[c0 + j];
 }
 
+// One query row's walk over its n visible keys (staged CHUNK at a time; the block walks n_block, the
+// most any of its rows sees, so every thread reaches every __syncthreads), softmax online:
+// m the running maximum, l = sum_s exp(logit_s - m), acc = sum_s exp(logit_s - m) v_s.
+// The output row is acc / l.  Used by the forward and by the first pass of the query-side backward.
+template <typename T, int D, int CHUNK>
+__device__ __forceinline__ void attend_row(const T* k, const T* v, const long long* kw, int W,
+                                           const T* q_row, long long position, int n, int n_block,
+                                           T scale, int last_resort, T (*ks)[D], T (*vs)[D],
+                                           long long* key_pos, T* acc, T& m, T& l) {
+    m = lowest<T>();
+    l = 0;
+    #pragma unroll
+    for (int d = 0; d < D; ++d) acc[d] = 0;
+    for (int c0 = 0; c0 < n_block; c0 += CHUNK) {
+        __syncthreads();  // the previous chunk is no longer read
+        stage_keys<T, D, CHUNK>(k, v, kw, W, c0, ks, vs, key_pos);
+        __syncthreads();
+        const int stop = min(CHUNK, n - c0);
+        for (int j = 0; j < stop; ++j) {
+            T dot = 0;
+            #pragma unroll
+            for (int d = 0; d < D; ++d) dot += q_row[d] * ks[j][d];
+            T logit = dot * scale;
+            if (last_resort && key_pos[j] == position) logit = T(SELF_LOGIT);
+            if (logit > m) {  // a new maximum: rescale what was summed so far
+                T correction = exp(m - logit);
+                l *= correction;
+                #pragma unroll
+                for (int d = 0; d < D; ++d) acc[d] *= correction;
+                m = logit;
+            }
+            T p = exp(logit - m);
+            l += p;
+            #pragma unroll
+            for (int d = 0; d < D; ++d) acc[d] += p * vs[j][d];
+        }
+    }
+}
+
 // Forward: rows (clusters, W, D) = softmax(scale q[I_c] k[J_c]^T, causal) v[J_c].
 // q, k, v (B*H, T, D); windows (clusters, W) with clusters = B*H*K.  Block = one cluster.
 template <typename T, int D, int CHUNK>
@@ -105,32 +144,10 @@ __global__ void cluster_forward(const T* __restrict__ q, const T* __restrict__ k
         const int n_block = count_at_or_before(kw, W, qw[last_row]);  // the most any row here sees
         T q_row[D], acc[D];
         #pragma unroll
-        for (int d = 0; d < D; ++d) { q_row[d] = active ? q[position * D + d] : T(0); acc[d] = 0; }
-        T m = lowest<T>(), l = 0;
-        for (int c0 = 0; c0 < n_block; c0 += CHUNK) {
-            __syncthreads();  // the previous chunk is no longer read
-            stage_keys<T, D, CHUNK>(k, v, kw, W, c0, ks, vs, key_pos);
-            __syncthreads();
-            const int stop = min(CHUNK, n - c0);
-            for (int j = 0; j < stop; ++j) {
-                T dot = 0;
-                #pragma unroll
-                for (int d = 0; d < D; ++d) dot += q_row[d] * ks[j][d];
-                T logit = dot * scale;
-                if (last_resort && key_pos[j] == position) logit = T(SELF_LOGIT);
-                if (logit > m) {  // a new maximum: rescale what was summed so far
-                    T correction = exp(m - logit);
-                    l *= correction;
-                    #pragma unroll
-                    for (int d = 0; d < D; ++d) acc[d] *= correction;
-                    m = logit;
-                }
-                T p = exp(logit - m);
-                l += p;
-                #pragma unroll
-                for (int d = 0; d < D; ++d) acc[d] += p * vs[j][d];
-            }
-        }
+        for (int d = 0; d < D; ++d) q_row[d] = active ? q[position * D + d] : T(0);
+        T m, l;
+        attend_row<T, D, CHUNK>(k, v, kw, W, q_row, position, n, n_block, scale, last_resort,
+                                ks, vs, key_pos, acc, m, l);
         if (active) {
             T* out = rows + (cluster * W + r) * D;
             #pragma unroll
@@ -169,34 +186,12 @@ __global__ void cluster_backward_query(const T* __restrict__ g, const T* __restr
         const int n_block = count_at_or_before(kw, W, qw[last_row]);
         T q_row[D], vec[D];  // vec: the output row in pass 1, then dq in pass 2
         #pragma unroll
-        for (int d = 0; d < D; ++d) { q_row[d] = active ? q[position * D + d] : T(0); vec[d] = 0; }
+        for (int d = 0; d < D; ++d) q_row[d] = active ? q[position * D + d] : T(0);
 
         // Pass 1: the forward pass again, for lse and delta.
-        T m = lowest<T>(), l = 0;
-        for (int c0 = 0; c0 < n_block; c0 += CHUNK) {
-            __syncthreads();
-            stage_keys<T, D, CHUNK>(k, v, kw, W, c0, ks, vs, key_pos);
-            __syncthreads();
-            const int stop = min(CHUNK, n - c0);
-            for (int j = 0; j < stop; ++j) {
-                T dot = 0;
-                #pragma unroll
-                for (int d = 0; d < D; ++d) dot += q_row[d] * ks[j][d];
-                T logit = dot * scale;
-                if (last_resort && key_pos[j] == position) logit = T(SELF_LOGIT);
-                if (logit > m) {
-                    T correction = exp(m - logit);
-                    l *= correction;
-                    #pragma unroll
-                    for (int d = 0; d < D; ++d) vec[d] *= correction;
-                    m = logit;
-                }
-                T p = exp(logit - m);
-                l += p;
-                #pragma unroll
-                for (int d = 0; d < D; ++d) vec[d] += p * vs[j][d];
-            }
-        }
+        T m, l;
+        attend_row<T, D, CHUNK>(k, v, kw, W, q_row, position, n, n_block, scale, last_resort,
+                                ks, vs, key_pos, vec, m, l);
         // g~ = g / den of this row, in registers for pass 2; delta = g~ . o with o = vec / l.
         T g_row[D];
         const T inv_den = active ? T(1) / den[position] : T(0);
