@@ -55,6 +55,7 @@ query row with no visible key outputs 0; with ``last_resort`` the self logit is
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numba
 import numpy as np
@@ -265,7 +266,7 @@ def _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort
     the window's end (padding) get count 0.
     """
     W = query_window.shape[0]
-    counts, positions = tiles[7], tiles[8]
+    counts, positions = tiles.counts, tiles.positions
     for i in range(ROWS):
         if r0 + i < W:
             positions[i] = query_window[r0 + i]
@@ -275,29 +276,32 @@ def _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort
             counts[i] = 0
     n = counts[min(ROWS, W - r0) - 1]
     if n > 0:
-        kT, q_rows, p = tiles[0], tiles[2], tiles[5]
+        kT, q_rows, p = tiles.kT, tiles.q_rows, tiles.p
         _rows_times_tile(q_rows[r0:r0 + ROWS], kT, n, p)  # (4, D) @ (D, n) -> (4, n)
         _block_softmax(p, counts, n, key_window, positions, scale, last_resort, self_logit)
     return n
 
 
+# One thread's scratch for one cluster.  kT, vT (D, W): the cluster's keys and values transposed (vT
+# backward only); q_rows, g_rows, kv_rows (W + 3, D): its query rows, upstream rows (backward) and key
+# (backward) or value (forward) rows, gathered, with ROWS - 1 zero rows of padding; p (4, W): a block's
+# probabilities; block_out (4, D): a block's output rows; counts, positions (4,) int64: each row's
+# visible keys and position; probs_t, dlogits_t (W + 3, W): every row's p / den and logit gradients,
+# transposed; ds (4, W): a block's logit gradients (the last three backward only).
+Tiles = namedtuple("Tiles", ["kT", "vT", "q_rows", "g_rows", "kv_rows", "p", "block_out", "counts",
+                             "positions", "probs_t", "dlogits_t", "ds"])
+
+
 @njit(cache=True, error_model="numpy")
 def _cluster_scratch(W, D, dtype):
-    """One thread's scratch for one cluster (a tuple, indexed by the kernels):
-
-    0 kT (D, W) keys transposed; 1 vT (D, W) values transposed (backward);
-    2 q_rows, 3 g_rows, 4 kv_rows (W + 3, D) gathered query rows, upstream rows
-    (backward) and key or value rows; 5 p (4, W) a block's probabilities;
-    6 out (4, D) a block's output rows; 7 counts, 8 positions (4,) int64;
-    9 probs_t, 10 dlogits_t (W + 3, W) transposed weights and 11 ds (4, W)
-    a block's logit gradients (backward).
-    """
+    """A :data:`Tiles` of empty arrays for clusters of W rows of D numbers."""
     pad = W + ROWS - 1
-    return (np.empty((D, W), dtype=dtype), np.empty((D, W), dtype=dtype),
-            np.empty((pad, D), dtype=dtype), np.empty((pad, D), dtype=dtype), np.empty((pad, D), dtype=dtype),
-            np.empty((ROWS, W), dtype=dtype), np.empty((ROWS, D), dtype=dtype),
-            np.empty(ROWS, dtype=np.int64), np.empty(ROWS, dtype=np.int64),
-            np.empty((pad, W), dtype=dtype), np.empty((pad, W), dtype=dtype), np.empty((ROWS, W), dtype=dtype))
+    return Tiles(np.empty((D, W), dtype=dtype), np.empty((D, W), dtype=dtype),
+                 np.empty((pad, D), dtype=dtype), np.empty((pad, D), dtype=dtype),
+                 np.empty((pad, D), dtype=dtype), np.empty((ROWS, W), dtype=dtype),
+                 np.empty((ROWS, D), dtype=dtype), np.empty(ROWS, dtype=np.int64),
+                 np.empty(ROWS, dtype=np.int64), np.empty((pad, W), dtype=dtype),
+                 np.empty((pad, W), dtype=dtype), np.empty((ROWS, W), dtype=dtype))
 
 
 # --------------------------------------------------------------------------- forward
@@ -309,7 +313,7 @@ def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self
     written; tiles from :func:`_cluster_scratch`.
     """
     W = query_window.shape[0]
-    kT, q_rows, v_rows, p, block_out = tiles[0], tiles[2], tiles[4], tiles[5], tiles[6]
+    kT, q_rows, v_rows, p, block_out = tiles.kT, tiles.q_rows, tiles.kv_rows, tiles.p, tiles.block_out
     _gather_transposed(k, key_window, kT)  # (T, D) -> (D, W)
     _gather_rows(q, query_window, q_rows)  # (T, D) -> (W + 3, D)
     _gather_rows(v, key_window, v_rows)  # (T, D) -> (W + 3, D)
@@ -414,9 +418,9 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
     then rows of those tiles.
     """
     W = query_window.shape[0]
-    kT, vT, q_rows, g_rows, k_rows = tiles[0], tiles[1], tiles[2], tiles[3], tiles[4]
-    p, block_out, positions = tiles[5], tiles[6], tiles[8]
-    probs_t, dlogits_t = tiles[9], tiles[10]
+    kT, vT, q_rows, g_rows, k_rows = tiles.kT, tiles.vT, tiles.q_rows, tiles.g_rows, tiles.kv_rows
+    p, block_out, positions = tiles.p, tiles.block_out, tiles.positions
+    probs_t, dlogits_t, ds = tiles.probs_t, tiles.dlogits_t, tiles.ds
     _gather_transposed(k, key_window, kT)  # (T, D) -> (D, W)
     _gather_transposed(v, key_window, vT)  # (T, D) -> (D, W)
     _gather_rows(q, query_window, q_rows)  # (T, D) -> (W + 3, D)
@@ -425,7 +429,6 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
     probs_t[:] = 0  # entries a query does not see stay 0
     dlogits_t[:] = 0
     zero = scale - scale
-    ds = tiles[11]
     for r0 in range(0, W, ROWS):
         rows = min(ROWS, W - r0)
         n = _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort, self_logit)
