@@ -16,7 +16,7 @@ from autograd import elementwise_grad
 from autograd.test_util import check_grads
 
 from rt_numpy import backend, ops
-from rt_numpy.kernels import numba_elementwise, numba_norm, numba_scatter
+from rt_numpy.kernels import numba_elementwise, numba_exp, numba_norm, numba_scatter
 
 # Against the formulas evaluated in float64 (the truth, to ~1e-15): (rtol, atol).  In float32 the
 # kernels are closer to it than the float32 formula itself, whose derivative carries absolute errors
@@ -204,3 +204,58 @@ def test_layer_norm_kernels_refuse_bad_input():
         numba_norm.layer_norm(x.astype(np.int64), 1e-5)
     with pytest.raises(ValueError, match="g must have the shape"):
         numba_norm.layer_norm_grad(x, x, np.ones((3, 2), np.float32), 1e-5)
+
+
+# ----------------------------------------------------------------- exp of a non-positive number
+@numba.njit(error_model="numpy")
+def _exp_loop(x, out):
+    """``numba_exp.exp_nonpositive`` over an array, compiled (the way the routing kernels use it)."""
+    for i in range(x.shape[0]):
+        out[i] = numba_exp.exp_nonpositive(x[i])
+
+
+# Units in the last place of the correctly rounded result that the exponential may be off by.
+EXP_ULPS = {np.float32: 4, np.float64: 2}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_nonpositive_is_within_a_few_ulps_of_exp(dtype):
+    x_min = numba_exp.X_MIN_32 if dtype == np.float32 else numba_exp.X_MIN_64
+    grid = np.linspace(float(x_min), 0.0, 20001)
+    rng = np.random.default_rng(0)
+    small = -np.abs(rng.standard_normal(2000)) * 10.0 ** rng.uniform(-12, 0, 2000)  # near 0
+    x = np.concatenate([grid, small, [0.0, -0.0, -1e-30, float(x_min)]]).astype(dtype)
+    got = np.empty_like(x)
+    _exp_loop(x, got)
+    assert got.dtype == dtype
+    # NumPy's float64 exp: within a float64 ulp (so, for float32, the truth to far below an ulp).
+    truth = np.exp(x.astype(np.float64))
+    ulp = np.spacing(truth.astype(dtype)).astype(np.float64)
+    err = np.abs(got.astype(np.float64) - truth) / ulp
+    assert err.max() <= EXP_ULPS[dtype], f"{err.max():.2f} ulps at x = {x[err.argmax()]!r}"
+    assert np.all(got[x == 0] == 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_nonpositive_is_exactly_zero_below_its_range(dtype):
+    x_min = float(numba_exp.X_MIN_32 if dtype == np.float32 else numba_exp.X_MIN_64)
+    x = np.array([-np.inf, -1e30, -1e4, x_min - 1.0, np.nextafter(dtype(x_min), dtype(-np.inf))], dtype=dtype)
+    got = np.full_like(x, 7.0)
+    _exp_loop(x, got)
+    assert got.tolist() == [0.0] * len(x)
+    # Within range it is positive and never decreases.
+    x = np.sort(np.random.default_rng(1).uniform(x_min, 0.0, 5000)).astype(dtype)
+    got = np.empty_like(x)
+    _exp_loop(x, got)
+    assert np.all(got > 0) and np.all(np.diff(got) >= 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_nonpositive_from_python_equals_compiled(dtype):
+    x = -np.random.default_rng(2).exponential(8.0, 300).astype(dtype)
+    compiled = np.empty_like(x)
+    _exp_loop(x, compiled)
+    # Called from Python it returns a Python float or a NumPy scalar, holding the same number.
+    from_python = np.array([numba_exp.exp_nonpositive(v) for v in x])
+    assert np.array_equal(from_python.astype(dtype), compiled)
+    assert np.array_equal(from_python, compiled.astype(from_python.dtype))

@@ -19,7 +19,7 @@ How they are fast without ``fastmath``:
   halves the work of a causal cluster.
 * A cluster's rows are gathered once into contiguous tiles (keys and values
   transposed, (D, W), for the products whose inner loop runs over keys; rows,
-  (W, D), for the others), each with ``ROWS - 1`` zero rows of padding.
+  (W, D), for the others), padded with zeros.
 * Rows are worked ``ROWS`` = 4 at a time.  Every product is a small matrix
   product of a (4, n) or (4, D) block with a tile, written so that each number
   loaded from the tile serves four rows and each pass over an output row
@@ -30,8 +30,12 @@ How they are fast without ``fastmath``:
   multiply-add (BENCHMARKS.md, "Routing kernels worked four rows at a time").
   The four rows of a block share the longest visible prefix; the entries a
   shorter row does not see get probability 0.
-* Softmax works on the four rows of a block together: their maxima and sums
-  are four independent chains in one loop, so the processor overlaps them.
+* Loops over a cluster's keys run over a multiple of ``LANES`` = 16 entries
+  (the padding gets probability 0), so they are whole vectors with no
+  one-number-at-a-time remainder.  Softmax maxima and sums are kept as 16
+  partial results, one per vector lane, added in a fixed order at the end;
+  the exponential is :func:`rt_numpy.kernels.numba_exp.exp_nonpositive`,
+  which vectorises, where ``math.exp`` is a library call per number.
 * Threads (``prange``) never split the sum at one position, so the result is
   bitwise the same from run to run, for any number of threads, without
   atomics.  With many heads (``"by_head"``), each thread takes whole (b, h)
@@ -41,7 +45,7 @@ How they are fast without ``fastmath``:
   the buffers into positions in the same order (c, r).  Both give the same
   bits.  Either way a call opens one parallel region.
 
-This module is a leaf: it imports numpy and numba only.  No ``fastmath``;
+This module imports numpy, numba and :mod:`rt_numpy.kernels.numba_exp` only.  No ``fastmath``;
 ``error_model="numpy"`` (a division by zero gives inf or NaN instead of
 raising), which lets LLVM vectorise the loops that divide.  No division here
 can be by zero: a softmax total is at least 1 and a denominator at least eps.
@@ -54,33 +58,43 @@ query row with no visible key outputs 0; with ``last_resort`` the self logit is
 """
 from __future__ import annotations
 
-import math
 from collections import namedtuple
 
 import numba
 import numpy as np
 from numba import njit, prange
 
+from rt_numpy.kernels.numba_exp import exp_nonpositive
+
 # The threading layer (workqueue unless NUMBA_THREADING_LAYER is set) is chosen in
 # rt_numpy/kernels/__init__.py.
 
 SELF_LOGIT = -5e4  # the "last resort" self logit (SPEC.md 1.4), as in rt_numpy.attention
 ROWS = 4  # rows worked together (the products below are written out for exactly four)
+LANES = 16  # loops over a cluster's keys run over a multiple of this many (one AVX-512 vector of float32)
 
 
 # --------------------------------------------------------------------------- building blocks
 @njit(cache=True, error_model="numpy")
-def _count_at_or_before(window, position):
-    """How many entries of the ascending ``window`` are <= ``position`` (binary search)."""
-    lo = 0
-    hi = window.shape[0]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if window[mid] <= position:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+def _padded(n):
+    """n rounded up to a multiple of LANES."""
+    return (n + LANES - 1) // LANES * LANES
+
+
+@njit(cache=True, error_model="numpy")
+def _visible_counts(query_window, key_window, out):
+    """``out[r]`` = how many keys query row r sees (key position <= query position), 0 past row W.
+
+    Both windows ascend, so the count never decreases from one row to the
+    next: one walk over the two windows together (a merge) finds them all.
+    """
+    W = query_window.shape[0]
+    j = 0
+    for r in range(W):
+        while j < W and key_window[j] <= query_window[r]:
+            j += 1
+        out[r] = j
+    out[W:] = 0
 
 
 @njit(cache=True, error_model="numpy")
@@ -110,11 +124,25 @@ def _gather_transposed(x, window, out):
 
 @njit(cache=True, error_model="numpy")
 def _gather_rows(x, window, out):
-    """``out[s] = x[window[s]]`` for s < W and 0 below: x (T, D), window (W,) -> out (W + ROWS - 1, D)."""
-    W = window.shape[0]
-    for s in range(W):
-        out[s] = x[window[s]]
-    out[W:] = 0
+    """``out[s] = x[window[s]]`` for s < W: x (T, D), window (W,) -> out (R, D), whose rows past W
+    stay as they are (zero, from :func:`_cluster_scratch`)."""
+    D = x.shape[1]
+    for s in range(window.shape[0]):
+        src = x[window[s]]
+        dst = out[s]
+        for d in range(D):  # an explicit loop: Numba's ``out[s] = x[i]`` was measured 6x slower
+            dst[d] = src[d]
+
+
+@njit(cache=True, error_model="numpy")
+def _copy_rows(src, dst, rows):
+    """``dst[:rows] = src[:rows]`` for (rows, D) blocks, as an explicit loop (see :func:`_gather_rows`)."""
+    D = src.shape[1]
+    for i in range(rows):
+        a = src[i]
+        b = dst[i]
+        for d in range(D):
+            b[d] = a[d]
 
 
 @njit(cache=True, error_model="numpy")
@@ -195,21 +223,74 @@ def _weights_times_rows(w, rows, start, stop, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _block_softmax(p, counts, n, key_window, positions, scale, last_resort, self_logit):
+def _lane_max(x, n, lanes):
+    """The largest of ``x[:n]``, n a multiple of LANES, taken as LANES running maxima.
+
+    Each lane keeps the maximum of every LANES-th number, which a vector
+    instruction updates for all lanes at once; the lanes are then compared in
+    order.  A maximum does not depend on the order of comparison, so this is
+    exactly ``max(x[:n])``.
+    """
+    for j in range(LANES):
+        lanes[j] = x[j]
+    for s0 in range(LANES, n, LANES):
+        for j in range(LANES):
+            y = x[s0 + j]
+            lanes[j] = y if y > lanes[j] else lanes[j]
+    m = lanes[0]
+    for j in range(1, LANES):
+        m = lanes[j] if lanes[j] > m else m
+    return m
+
+
+@njit(cache=True, error_model="numpy")
+def _lane_sum(x, n, lanes):
+    """``sum(x[:n])``, n a multiple of LANES, as LANES partial sums (lane j adds x[j], x[j + LANES],
+    ...) added in lane order at the end: a fixed order, so the same bits every time."""
+    lanes[:] = 0
+    for s0 in range(0, n, LANES):
+        for j in range(LANES):
+            lanes[j] += x[s0 + j]
+    total = lanes[0]
+    for j in range(1, LANES):
+        total += lanes[j]
+    return total
+
+
+@njit(cache=True, error_model="numpy")
+def _lane_dot(x, y, n, lanes):
+    """``sum(x[:n] * y[:n])`` in the order of :func:`_lane_sum`."""
+    lanes[:] = 0
+    for s0 in range(0, n, LANES):
+        for j in range(LANES):
+            lanes[j] += x[s0 + j] * y[s0 + j]
+    total = lanes[0]
+    for j in range(1, LANES):
+        total += lanes[j]
+    return total
+
+
+@njit(cache=True, error_model="numpy")
+def _block_softmax(p, counts, n, key_window, positions, scale, last_resort, self_logit, lanes):
     """Four rows' logits (4, W) -> probabilities, in place, over the first ``n`` entries.
 
     Row i sees its first ``counts[i]`` keys: ``p[i, :count] <- softmax(scale
     p[i, :count])`` and ``p[i, count:n] <- 0`` (its masked logits are set to
     -inf, whose exponential is exactly 0); a row that sees nothing is all
-    zeros.  The four rows' maxima and sums are taken in the same loops, as
-    four independent chains, each still summed in key order.  ``scale`` and
-    ``self_logit`` are scalars of the data's dtype, so that float32 stays float32.
+    zeros.  ``n`` is a multiple of LANES: every loop here runs whole vectors
+    (maximum and total by lanes, :func:`_lane_max` and :func:`_lane_sum`; the
+    exponential from :mod:`rt_numpy.kernels.numba_exp`).  ``scale`` and
+    ``self_logit`` are scalars of the data's dtype, so that float32 stays
+    float32; ``positions[i]`` is row i's query position (for the self rule);
+    ``lanes`` (LANES,) is scratch.
     """
-    zero = scale - scale
-    for i in range(ROWS):  # scale, self rule, mask
+    for i in range(ROWS):
         row = p[i]
         count = counts[i]
-        for s in range(count):
+        if count == 0:
+            row[:n] = 0
+            continue
+        for s in range(count):  # scale, self rule, mask
             row[s] = row[s] * scale
         if last_resort:
             for s in range(count):
@@ -217,91 +298,56 @@ def _block_softmax(p, counts, n, key_window, positions, scale, last_resort, self
                     row[s] = self_logit
         for s in range(count, n):
             row[s] = -np.inf
-    p0, p1, p2, p3 = p[0], p[1], p[2], p[3]  # row maxima
-    m0, m1, m2, m3 = p0[0], p1[0], p2[0], p3[0]
-    for s in range(1, n):
-        x0, x1, x2, x3 = p0[s], p1[s], p2[s], p3[s]
-        m0 = x0 if x0 > m0 else m0
-        m1 = x1 if x1 > m1 else m1
-        m2 = x2 if x2 > m2 else m2
-        m3 = x3 if x3 > m3 else m3
-    # A row that sees nothing has maximum -inf: shift it by 0 instead (its exponentials are 0, not NaN).
-    m0 = m0 if counts[0] > 0 else zero
-    m1 = m1 if counts[1] > 0 else zero
-    m2 = m2 if counts[2] > 0 else zero
-    m3 = m3 if counts[3] > 0 else zero
-    t0, t1, t2, t3 = zero, zero, zero, zero
-    for s in range(n):
-        e0 = math.exp(p0[s] - m0)
-        e1 = math.exp(p1[s] - m1)
-        e2 = math.exp(p2[s] - m2)
-        e3 = math.exp(p3[s] - m3)
-        p0[s] = e0
-        p1[s] = e1
-        p2[s] = e2
-        p3[s] = e3
-        t0 += e0
-        t1 += e1
-        t2 += e2
-        t3 += e3
-    totals = (t0, t1, t2, t3)
-    for i in range(ROWS):  # normalise
-        row = p[i]
-        if counts[i] == 0:
-            for s in range(n):
-                row[s] = zero
-        else:
-            total = totals[i]
-            for s in range(n):
-                row[s] = row[s] / total
+        m = _lane_max(row, n, lanes)  # finite: the row sees at least one key
+        for s in range(n):
+            row[s] = exp_nonpositive(row[s] - m)
+        total = _lane_sum(row, n, lanes)  # at least 1 (the maximum's own term)
+        for s in range(n):
+            row[s] = row[s] / total
 
 
 @njit(cache=True, error_model="numpy")
-def _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort, self_logit):
-    """Probabilities of query rows r0 .. r0 + 3 of a cluster into ``tiles.p``; returns the block's n.
+def _block_probabilities(tiles, p, query_window, key_window, r0, scale, last_resort, self_logit):
+    """Probabilities of query rows r0 .. r0 + 3 of a cluster into ``p`` (4, Wp); returns the block's n.
 
-    Row i's visible keys are the first ``counts[i]`` of the key window; the
-    block's n is the largest count (the last real row's, windows being
-    sorted), and every row gets probability 0 on [counts[i], n).  Rows past
-    the window's end (padding) get count 0.
+    Row i sees the first ``tiles.visible[r0 + i]`` keys of the key window;
+    the block's n is the largest count (the last real row's, windows being
+    sorted) rounded up to a multiple of LANES, and every row gets probability
+    0 on [count, n).  Rows past the window's end (padding) have count 0.
     """
     W = query_window.shape[0]
-    counts, positions = tiles.counts, tiles.positions
-    for i in range(ROWS):
-        if r0 + i < W:
-            positions[i] = query_window[r0 + i]
-            counts[i] = _count_at_or_before(key_window, positions[i])
-        else:
-            positions[i] = -1
-            counts[i] = 0
+    counts = tiles.visible[r0:r0 + ROWS]
     n = counts[min(ROWS, W - r0) - 1]
     if n > 0:
-        kT, q_rows, p = tiles.kT, tiles.q_rows, tiles.p
-        _rows_times_tile(q_rows[r0:r0 + ROWS], kT, n, p)  # (4, D) @ (D, n) -> (4, n)
-        _block_softmax(p, counts, n, key_window, positions, scale, last_resort, self_logit)
+        n = _padded(n)  # whole vectors: the padding columns of kT are 0 and get probability 0
+        _rows_times_tile(tiles.q_rows[r0:r0 + ROWS], tiles.kT, n, p)  # (4, D) @ (D, n) -> (4, n)
+        _block_softmax(p, counts, n, key_window, query_window[r0:], scale, last_resort, self_logit, tiles.lanes)
     return n
 
 
-# One thread's scratch for one cluster.  kT, vT (D, W): the cluster's keys and values transposed (vT
-# backward only); q_rows, g_rows, kv_rows (W + 3, D): its query rows, upstream rows (backward) and key
-# (backward) or value (forward) rows, gathered, with ROWS - 1 zero rows of padding; p (4, W): a block's
-# probabilities; block_out (4, D): a block's output rows; counts, positions (4,) int64: each row's
-# visible keys and position; probs_t, dlogits_t (W + 3, W): every row's p / den and logit gradients,
-# transposed; ds (4, W): a block's logit gradients (the last three backward only).
-Tiles = namedtuple("Tiles", ["kT", "vT", "q_rows", "g_rows", "kv_rows", "p", "block_out", "counts",
-                             "positions", "probs_t", "dlogits_t", "ds"])
+# One thread's scratch for one cluster, with Wp = W rounded up to a multiple of LANES and
+# R = max(W + ROWS - 1, Wp) rows.  kT, vT (D, Wp): the cluster's keys and values transposed (vT
+# backward only), zero past column W; q_rows, g_rows, kv_rows (R, D): its query rows, upstream rows
+# (backward) and key (backward) or value (forward) rows, gathered, zero past row W; visible (R,)
+# int64: how many keys each query row sees; p (4, Wp): a block's probabilities (forward);
+# block_out (4, D): a block's output rows; probs, dlogits (R, Wp): every query row's p / den and
+# logit gradients (backward); lanes (LANES,): partial maxima and sums.
+Tiles = namedtuple("Tiles", ["kT", "vT", "q_rows", "g_rows", "kv_rows", "visible", "p", "block_out",
+                             "probs", "dlogits", "lanes"])
 
 
 @njit(cache=True, error_model="numpy")
 def _cluster_scratch(W, D, dtype):
-    """A :data:`Tiles` of empty arrays for clusters of W rows of D numbers."""
-    pad = W + ROWS - 1
-    return Tiles(np.empty((D, W), dtype=dtype), np.empty((D, W), dtype=dtype),
-                 np.empty((pad, D), dtype=dtype), np.empty((pad, D), dtype=dtype),
-                 np.empty((pad, D), dtype=dtype), np.empty((ROWS, W), dtype=dtype),
-                 np.empty((ROWS, D), dtype=dtype), np.empty(ROWS, dtype=np.int64),
-                 np.empty(ROWS, dtype=np.int64), np.empty((pad, W), dtype=dtype),
-                 np.empty((pad, W), dtype=dtype), np.empty((ROWS, W), dtype=dtype))
+    """A :data:`Tiles` for clusters of W rows of D numbers; the padding is zeroed here and the
+    gathers never write it."""
+    Wp = _padded(W)
+    R = max(W + ROWS - 1, Wp)
+    return Tiles(np.zeros((D, Wp), dtype=dtype), np.zeros((D, Wp), dtype=dtype),
+                 np.zeros((R, D), dtype=dtype), np.zeros((R, D), dtype=dtype),
+                 np.zeros((R, D), dtype=dtype), np.zeros(R, dtype=np.int64),
+                 np.empty((ROWS, Wp), dtype=dtype), np.empty((ROWS, D), dtype=dtype),
+                 np.empty((R, Wp), dtype=dtype), np.empty((R, Wp), dtype=dtype),
+                 np.empty(LANES, dtype=dtype))
 
 
 # --------------------------------------------------------------------------- forward
@@ -313,18 +359,19 @@ def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self
     written; tiles from :func:`_cluster_scratch`.
     """
     W = query_window.shape[0]
-    kT, q_rows, v_rows, p, block_out = tiles.kT, tiles.q_rows, tiles.kv_rows, tiles.p, tiles.block_out
-    _gather_transposed(k, key_window, kT)  # (T, D) -> (D, W)
-    _gather_rows(q, query_window, q_rows)  # (T, D) -> (W + 3, D)
-    _gather_rows(v, key_window, v_rows)  # (T, D) -> (W + 3, D)
+    v_rows, p, block_out = tiles.kv_rows, tiles.p, tiles.block_out
+    _gather_transposed(k, key_window, tiles.kT)  # (T, D) -> (D, W)
+    _gather_rows(q, query_window, tiles.q_rows)  # (T, D) -> (W, D)
+    _gather_rows(v, key_window, v_rows)  # (T, D) -> (W, D)
+    _visible_counts(query_window, key_window, tiles.visible)
     for r0 in range(0, W, ROWS):
         rows = min(ROWS, W - r0)
-        n = _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort, self_logit)
+        n = _block_probabilities(tiles, p, query_window, key_window, r0, scale, last_resort, self_logit)
         if n == 0:
             out[r0:r0 + rows] = 0  # nothing visible: these rows output 0 (SPEC.md 1.4)
             continue
         _weights_times_rows(p, v_rows, 0, n, block_out)  # (4, n) @ (n, D) -> (4, D)
-        out[r0:r0 + rows] = block_out[:rows]
+        _copy_rows(block_out, out[r0:r0 + rows], rows)
 
 
 @njit(cache=True, error_model="numpy")
@@ -413,57 +460,62 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
     then ``dq_r = sum_s ds_s k_s``, ``dk_s = sum_r ds_s q_r``,
     ``dv_s = sum_r p_s g_r / den_r``.  dq_out, dk_out, dv_out (W, D) are
     written.  The first pass goes over query blocks (probabilities, ds, dq)
-    and keeps every row's ``p / den`` and ``ds`` transposed in ``probs_t`` and
-    ``dlogits_t``; the second goes over key blocks (dk, dv), whose weights are
-    then rows of those tiles.
+    and keeps every row's ``p / den`` and ``ds`` in ``tiles.probs`` and
+    ``tiles.dlogits``; the second goes over key blocks (dk, dv), whose
+    weights are columns of those tiles.
     """
     W = query_window.shape[0]
-    kT, vT, q_rows, g_rows, k_rows = tiles.kT, tiles.vT, tiles.q_rows, tiles.g_rows, tiles.kv_rows
-    p, block_out, positions = tiles.p, tiles.block_out, tiles.positions
-    probs_t, dlogits_t, ds = tiles.probs_t, tiles.dlogits_t, tiles.ds
-    _gather_transposed(k, key_window, kT)  # (T, D) -> (D, W)
+    vT, q_rows, g_rows, k_rows = tiles.vT, tiles.q_rows, tiles.g_rows, tiles.kv_rows
+    block_out, probs, dlogits = tiles.block_out, tiles.probs, tiles.dlogits
+    _gather_transposed(k, key_window, tiles.kT)  # (T, D) -> (D, W)
     _gather_transposed(v, key_window, vT)  # (T, D) -> (D, W)
-    _gather_rows(q, query_window, q_rows)  # (T, D) -> (W + 3, D)
+    _gather_rows(q, query_window, q_rows)  # (T, D) -> (W, D)
     _gather_rows(g, query_window, g_rows)
     _gather_rows(k, key_window, k_rows)
-    probs_t[:] = 0  # entries a query does not see stay 0
-    dlogits_t[:] = 0
+    _visible_counts(query_window, key_window, tiles.visible)
     zero = scale - scale
     for r0 in range(0, W, ROWS):
         rows = min(ROWS, W - r0)
-        n = _block_probabilities(tiles, query_window, key_window, r0, scale, last_resort, self_logit)
+        p, ds = probs[r0:r0 + ROWS], dlogits[r0:r0 + ROWS]  # (4, Wp) each: this block's rows
+        n = _block_probabilities(tiles, p, query_window, key_window, r0, scale, last_resort, self_logit)
         if n == 0:
+            p[:] = 0
+            ds[:] = 0
             dq_out[r0:r0 + rows] = 0  # these rows output 0 whatever q, k, v are: no gradient
             continue
         # dp without the 1 / den_r factor, which is taken once below instead of for every entry.
         _rows_times_tile(g_rows[r0:r0 + ROWS], vT, n, ds)  # g_r v_J^T: (4, D) @ (D, n) -> (4, n)
         for i in range(rows):
-            position = positions[i]
+            position = query_window[r0 + i]
             denominator = denominators[position]
             pi, dsi = p[i], ds[i]
-            delta = zero
-            for s in range(n):
-                delta += dsi[s] * pi[s]
+            delta = _lane_dot(dsi, pi, n, tiles.lanes)
             factor = scale / denominator
             for s in range(n):
                 dsi[s] = factor * (pi[s] * (dsi[s] - delta))
             if last_resort:
-                for s in range(n):
+                for s in range(min(n, W)):
                     if key_window[s] == position:
                         dsi[s] = zero  # the self logit is the constant -5e4: nothing reaches q or k
             for s in range(n):
-                probs_t[s, r0 + i] = pi[s] / denominator  # the weight of g_r in dv_s
-                dlogits_t[s, r0 + i] = dsi[s]
+                pi[s] = pi[s] / denominator  # now the weight of g_r in dv_s
+        p[:, n:] = 0  # the second pass reads whole columns
+        ds[:, n:] = 0
         # Padding rows (past W) have zero upstream rows, hence ds = 0: they add nothing to dq.
         _weights_times_rows(ds, k_rows, 0, n, block_out)  # (4, n) @ (n, D) -> (4, D)
-        dq_out[r0:r0 + rows] = block_out[:rows]
+        _copy_rows(block_out, dq_out[r0:r0 + rows], rows)
+    # Key rows s0 .. s0 + 3: their weights are columns of probs and dlogits, read through transposed
+    # views.  Queries from ``first`` on see key s0 (a merge walk, as in _visible_counts); the
+    # entries of a later key that its query does not see are 0.
+    first = 0
     for s0 in range(0, W, ROWS):
         rows = min(ROWS, W - s0)
-        first = _count_at_or_before(query_window, key_window[s0] - 1)  # queries that see key s0: [first, W)
-        _weights_times_rows(dlogits_t[s0:s0 + ROWS], q_rows, first, W, block_out)  # (4, W) @ (W, D) -> (4, D)
-        dk_out[s0:s0 + rows] = block_out[:rows]
-        _weights_times_rows(probs_t[s0:s0 + ROWS], g_rows, first, W, block_out)
-        dv_out[s0:s0 + rows] = block_out[:rows]
+        while first < W and query_window[first] < key_window[s0]:
+            first += 1
+        _weights_times_rows(dlogits.T[s0:s0 + ROWS], q_rows, first, W, block_out)  # (4, W) @ (W, D) -> (4, D)
+        _copy_rows(block_out, dk_out[s0:s0 + rows], rows)
+        _weights_times_rows(probs.T[s0:s0 + ROWS], g_rows, first, W, block_out)
+        _copy_rows(block_out, dv_out[s0:s0 + rows], rows)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
