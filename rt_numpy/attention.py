@@ -219,6 +219,8 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
     stats : dict
         :func:`rt_numpy.kmeans.cluster_stats` of the normalised queries (and
         keys): pass it to :func:`rt_numpy.kmeans.update_state` after the step.
+        With balanced membership it comes from :func:`rt_numpy.kmeans.route`
+        (the same statistics, read from the scores that top-W ranks).
 
     Notes
     -----
@@ -271,9 +273,16 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         qn = kmeans.normalize(q, norm)  # (B, H, T, D)
         kn = qn if shared_qk else kmeans.normalize(k, norm)
     streams = [qn] if shared_qk else [qn, kn]
-    # The routing decisions use the k-means fast path unless the reference was asked for.
+    # The routing decisions use the k-means fast path unless the reference was asked for.  With
+    # balanced membership, kmeans.route reads both decisions (nearest centroid, top-W) from one
+    # score matrix per stream.
     routing_impl = "ref" if impl == "ref" else "auto"
-    stats = kmeans.cluster_stats([getval(x) for x in streams], mu, impl=routing_impl)
+    if membership == "balanced":
+        routes = [kmeans.route(getval(x), mu, W, impl=routing_impl) for x in streams]
+        xp = backend.get_array_module(mu)
+        stats = {name: xp.stack([r[name] for r in routes]) for name in ("assignments", "sums", "counts")}
+    else:
+        stats = kmeans.cluster_stats([getval(x) for x in streams], mu, impl=routing_impl)
 
     # 2. Commitment loss, from the start-of-step assignments.
     errors = [_commitment_error(x, mu, a) for x, a in zip(streams, stats["assignments"])]
@@ -296,8 +305,8 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         out = _nearest_attention(q_logit, k_logit, v, stats["assignments"], logit_scale, self_attend, eps,
                                  mem_kv)
         return out, loss, stats
-    query_windows = kmeans.balanced_membership(getval(qn), mu, W, impl=routing_impl)  # (B, H, K, W)
-    key_windows = query_windows if shared_qk else kmeans.balanced_membership(getval(kn), mu, W, impl=routing_impl)
+    query_windows = routes[0]["windows"]  # (B, H, K, W)
+    key_windows = routes[-1]["windows"]  # the same array when shared_qk (one stream)
     xp = backend.get_array_module(getval(q))
     run = backend.resolve_impl(impl, xp)
     if run in ("numba", "cupy") and mem_kv is None:

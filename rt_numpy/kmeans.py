@@ -315,9 +315,14 @@ def cluster_stats(points, means, *, impl="auto"):
 
 def _stats_reference(x, means):
     xp = backend.get_array_module(x, means)
-    B, H, T, D = x.shape
-    K = means.shape[1]
     assignments = xp.argmax(similarities(x, means), axis=-1)  # (B, H, T, K) -> (B, H, T)
+    return _stats_from_assignments(x, assignments, means.shape[1])
+
+
+def _stats_from_assignments(x, assignments, K):
+    """(assignments, sums (H, K, D), counts (H, K)) of points x (B, H, T, D) sent to ``assignments``."""
+    xp = backend.get_array_module(x)
+    B, H, T, D = x.shape
     per_head = assignments.transpose(1, 0, 2).reshape(H, B * T)  # (H, B*T), in (b, t) order
     # sums[h, a[b, h, t]] += x[b, h, t], in (b, t) order: a scatter-add of rows, head by head.
     sums = ops.scatter_add_rows(x.transpose(1, 0, 2, 3).reshape(H, B * T, D), per_head, K)  # (H, K, D)
@@ -384,6 +389,66 @@ def balanced_membership(points, means, window_size, *, impl="auto"):
 
         return cupy_kmeans.top_w_positions(scores, W)
     return top_w_reference(scores, W)
+
+
+def route(points, means, window_size, *, impl="auto"):
+    """Both routing decisions of one stream from one score matrix: nearest centroid and top-W.
+
+    :func:`cluster_stats` and :func:`balanced_membership` each compare every
+    point with every centroid; routing attention needs both, so here the
+    (B, H, K, T) scores of :func:`cluster_scores` are computed once and both
+    decisions are read from them: a point's nearest centroid is the cluster
+    whose row holds its largest score (the first such, on a tie), and each
+    cluster's members are the W largest entries of its row.
+
+    Parameters
+    ----------
+    points : array (B, H, T, D)
+        Normalised points of one stream.
+    means : array (H, K, D)
+    window_size : int
+        W, members per cluster, 1 <= W <= T.
+    impl : {"auto", "ref", "numba", "cupy"}
+
+    Returns
+    -------
+    dict
+        ``assignments`` (B, H, T) int64, ``sums`` (H, K, D), ``counts`` (H, K)
+        int64, as one stream of :func:`cluster_stats`; ``windows`` (B, H, K, W)
+        int64, as :func:`balanced_membership`.
+
+    Notes
+    -----
+    SPEC.md section 1 items 3 and 6.  The scores are the numbers of
+    :func:`similarities`, transposed, but come from another matrix product, so
+    on an exact tie in rounding a point could go to another cluster here than
+    in :func:`cluster_stats`; the Numba path and the reference of this
+    function read the same scores and agree exactly.
+    """
+    means = _check_means(means)
+    if isinstance(points, (list, tuple)):
+        raise TypeError(f"points must be one array (B, H, T, D), got a {type(points).__name__}: "
+                        "call route once per stream")
+    (x,) = _check_points(points, means)
+    x = getval(x)
+    W = _check_int("window_size", window_size, 1, x.shape[2], what=f" (T={x.shape[2]})")
+    xp = backend.get_array_module(means, x)
+    impl = backend.resolve_impl(impl, xp)
+    scores = cluster_scores(x, means)  # (B, H, K, T)
+    if impl == "numba":
+        from rt_numpy.kernels import numba_kmeans
+
+        assignments, sums, counts, windows = numba_kmeans.route_from_scores(scores, np.ascontiguousarray(x), W)
+        return {"assignments": assignments, "sums": sums, "counts": counts, "windows": windows}
+    assignments = xp.argmax(scores, axis=-2)  # (B, H, K, T) -> (B, H, T): the first maximum wins
+    _, sums, counts = _stats_from_assignments(x, assignments, means.shape[1])
+    if impl == "cupy":
+        from rt_numpy.kernels import cupy_kmeans
+
+        windows = cupy_kmeans.top_w_positions(scores, W)
+    else:
+        windows = top_w_reference(scores, W)
+    return {"assignments": assignments, "sums": sums, "counts": counts, "windows": windows}
 
 
 def top_w_reference(scores, window_size):

@@ -3,6 +3,7 @@
 * ``cluster_stats(impl="numba")`` vs ``impl="ref"``: assignments and counts exactly equal, sums
   equal to rounding (1e-5 relative in float32, 1e-12 in float64, relative to the sum of magnitudes);
 * ``balanced_membership(impl="numba")`` vs ``impl="ref"``: exactly equal;
+* ``route(impl="numba")`` vs ``impl="ref"`` (both decisions from one score matrix): as the two above;
 
 over a grid of shapes and dtypes, on integer-valued inputs with many exact ties, and on edge cases
 with hand-computed answers: K=1, W=T, W=1, tied centroids and tied scores, empty clusters, the
@@ -63,6 +64,27 @@ def _assert_membership_match(points, means, W):
     return ref
 
 
+def _assert_route_match(points, means, W):
+    """kmeans.route: numba == ref (assignments, counts, windows exactly; sums to rounding), and the
+    windows are balanced_membership's, the assignments the first argmax of the scores."""
+    ref = kmeans.route(points, means, W, impl="ref")
+    fast = kmeans.route(points, means, W, impl="numba")
+    for name in ("assignments", "counts", "windows"):
+        assert fast[name].dtype == np.int64
+        np.testing.assert_array_equal(fast[name], ref[name], err_msg=name)
+    assert fast["sums"].dtype == points.dtype
+    rtol = RTOL[points.dtype.type]
+    scale = np.abs(points).sum(axis=(0, 2)).max()
+    np.testing.assert_allclose(fast["sums"], ref["sums"], rtol=rtol, atol=rtol * scale)
+    np.testing.assert_array_equal(ref["windows"], kmeans.balanced_membership(points, means, W, impl="ref"))
+    scores = kmeans.cluster_scores(points, means)  # (B, H, K, T)
+    first_best = (scores == scores.max(axis=-2, keepdims=True)).argmax(axis=-2)  # (B, H, T)
+    np.testing.assert_array_equal(ref["assignments"], first_best)
+    B, H, T, D = points.shape
+    np.testing.assert_array_equal(ref["counts"].sum(axis=-1), B * T)
+    return ref
+
+
 # ------------------------------------------------------------------------------ grids
 def _stats_grid():
     cases = []
@@ -95,6 +117,31 @@ def test_balanced_membership_numba_equals_reference(B, H, T, D, K, W, dtype):
     _assert_membership_match(points, means, W)
 
 
+@pytest.mark.parametrize("B, H, T, D, K, W, dtype", _membership_grid())
+def test_route_numba_equals_reference(B, H, T, D, K, W, dtype):
+    points, means = _data(B, H, T, D, K, dtype, seed=B * 1000 + T + D + K + W + 1)
+    ref = _assert_route_match(points, means, W)
+    # On continuous data the scores and the similarities round alike: the same decisions as
+    # cluster_stats and balanced_membership called apart.
+    stats = kmeans.cluster_stats(points, means, impl="ref")
+    np.testing.assert_array_equal(ref["assignments"], stats["assignments"][0])
+    np.testing.assert_array_equal(ref["counts"], stats["counts"][0])
+
+
+def test_route_refuses_bad_input():
+    points, means = _data(1, 2, 10, 3, 4, np.float32)
+    with pytest.raises(ValueError, match="window_size"):
+        kmeans.route(points, means, 11)
+    with pytest.raises(TypeError, match="window_size"):
+        kmeans.route(points, means, 2.0)
+    with pytest.raises(TypeError, match="once per stream"):
+        kmeans.route([points, points], means, 2)
+    with pytest.raises(ValueError, match="points"):
+        kmeans.route(points[:, :1], means, 2)  # 1 head of points, 2 heads of means
+    with pytest.raises(ValueError):
+        kmeans.route(points, means, 2, impl="fast")
+
+
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 40), D=st.integers(1, 4),
        K=st.integers(1, 6), w=st.floats(0, 1), levels=st.integers(1, 3), seed=st.integers(0, 2**32 - 1),
@@ -107,6 +154,7 @@ def test_kernels_equal_reference_with_exact_ties(B, H, T, D, K, w, levels, seed,
     _assert_stats_match(points, means)
     W = 1 + int(w * (T - 1))
     members = _assert_membership_match(points, means, W)
+    _assert_route_match(points, means, W)
     # Ties go to the lower cluster index / the lower position: check against a hand rule too.
     sims = kmeans.similarities(points, means)  # (B, H, T, K)
     first_best = (sims == sims.max(axis=-1, keepdims=True)).argmax(axis=-1)  # first index of the max

@@ -9,6 +9,10 @@ Two kernels, each computing exactly what a reference function in
   matrix product and stay in cache while NumPy's vectorised argmax picks each
   point's cluster and a compiled loop adds the point to its cluster's sum.  The
   full ``(N, K)`` similarity matrix of the reference path is never built.
+* :func:`route_from_scores` - both at once from the (B, H, K, T) scores that
+  balanced membership needs anyway (:func:`rt_numpy.kmeans.route`): each
+  point's nearest centroid is read down the columns of the scores, and the
+  heads are shared among the threads.
 * :func:`top_w_positions` - the ``W`` most similar positions of every cluster,
   sorted by position, ties broken towards the lower position.  Instead of
   sorting ``T`` scores per cluster it finds the ``W``-th largest score (a
@@ -22,7 +26,7 @@ kernels must agree with the reference to the last bit where they can.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(cache=True)
@@ -188,3 +192,77 @@ def top_w_positions(scores, W):
             for k in range(K):
                 _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
     return members
+
+
+@njit(cache=True)
+def _nearest_from_scores(scores, best, out):
+    """``out[t]`` = the first c with the largest ``scores[c, t]``: scores (K, T) -> out (T,) int64.
+
+    Cluster by cluster, each position keeps its best score so far and replaces
+    it only with a strictly larger one (so the first maximum wins, as in
+    ``argmax``).  The inner loop runs along positions, elementwise, and
+    vectorises.  ``best`` (T,) is scratch.
+    """
+    K, T = scores.shape
+    first = scores[0]
+    for t in range(T):
+        best[t] = first[t]
+        out[t] = 0
+    for c in range(1, K):
+        row = scores[c]
+        for t in range(T):
+            x = row[t]
+            better = x > best[t]
+            best[t] = x if better else best[t]
+            out[t] = c if better else out[t]
+
+
+@njit(cache=True, parallel=True)
+def _route(scores, points, W, assignments, sums, counts, members):
+    """Nearest centroid, sums, counts and top-W of every head; the heads are shared among threads.
+
+    scores (B, H, K, T), points (B, H, T, D); writes assignments (B, H, T),
+    sums (H, K, D) and counts (H, K) (both zeroed), members (B, H, K, W).
+    Within a head, points are added in (b, t) order, as in the reference.
+    """
+    B, H, K, T = scores.shape
+    for h in prange(H):
+        best = np.empty(T, dtype=scores.dtype)  # scratch of this head's thread
+        sample = np.empty(T, dtype=scores.dtype)
+        values = np.empty(T, dtype=scores.dtype)
+        positions = np.empty(T, dtype=np.int64)
+        for b in range(B):
+            _nearest_from_scores(scores[b, h], best, assignments[b, h])
+            _accumulate(assignments[b, h], points[b, h], sums[h], counts[h])
+            for k in range(K):
+                _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
+
+
+def route_from_scores(scores, points, W):
+    """Nearest centroid, per-cluster sums and counts, and balanced top-W membership, from the scores.
+
+    Parameters
+    ----------
+    scores : ndarray (B, H, K, T), float32 or float64
+        :func:`rt_numpy.kmeans.cluster_scores` of the points.
+    points : ndarray (B, H, T, D), C-contiguous, dtype of scores
+    W : int
+        Members per cluster, 1 <= W <= T.
+
+    Returns
+    -------
+    assignments : ndarray (B, H, T) int64
+        ``argmax`` of the scores over clusters (the first maximum on a tie).
+    sums : ndarray (H, K, D), counts : ndarray (H, K) int64
+        As :func:`assign_and_stats`, for these assignments.
+    members : ndarray (B, H, K, W) int64
+        As :func:`top_w_positions`.
+    """
+    B, H, K, T = scores.shape
+    D = points.shape[3]
+    assignments = np.empty((B, H, T), dtype=np.int64)
+    sums = np.zeros((H, K, D), dtype=points.dtype)
+    counts = np.zeros((H, K), dtype=np.int64)
+    members = np.empty((B, H, K, W), dtype=np.int64)
+    _route(np.ascontiguousarray(scores), points, W, assignments, sums, counts, members)
+    return assignments, sums, counts, members
