@@ -310,8 +310,10 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
     xp = backend.get_array_module(getval(q))
     run = backend.resolve_impl(impl, xp)
     if run in ("numba", "cupy") and mem_kv is None:
-        out = cluster_attention_fused(q_logit, k_logit, v, query_windows, key_windows,
-                                      logit_scale, self_attend == "last_resort", eps)
+        shared = k_logit is q_logit and key_windows is query_windows  # shared QK: gather each row once
+        out = cluster_attention_fused(q_logit, None if shared else k_logit, v, query_windows,
+                                      None if shared else key_windows, logit_scale,
+                                      self_attend == "last_resort", eps)
     else:
         out = cluster_attention_reference(q_logit, k_logit, v, query_windows, key_windows,
                                           scale=logit_scale, self_attend=self_attend, eps=eps, mem_kv=mem_kv)
@@ -547,7 +549,9 @@ def cluster_attention_fused(q, k, v, query_windows, key_windows, scale, last_res
     """:func:`cluster_attention_reference` as one fused kernel (no ``mem_kv``): Numba or CuPy.
 
     Same arguments and result as the reference (``last_resort`` is
-    ``self_attend == "last_resort"``).  Nothing of size (K, W, W) is kept for
+    ``self_attend == "last_resort"``), except that ``k=None`` with
+    ``key_windows=None`` means shared QK: the keys are the queries, in the
+    same windows, and the Numba kernels gather each cluster's rows once.  Nothing of size (K, W, W) is kept for
     the backward pass: the backward kernel recomputes each cluster's
     probabilities, as FlashAttention does.  First-order gradients only.
     On CuPy arrays :mod:`rt_numpy.kernels.cupy_routing` runs, with the same
@@ -555,13 +559,18 @@ def cluster_attention_fused(q, k, v, query_windows, key_windows, scale, last_res
     """
     gpu = _gpu_kernels(q)
     if gpu is not None:
+        k, key_windows = (q, query_windows) if k is None else (k, key_windows)
         return gpu.forward(q, k, v, query_windows, key_windows, float(scale), bool(last_resort), float(eps))
     from rt_numpy.kernels import numba_routing
 
-    return numba_routing.forward(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v),
+    return numba_routing.forward(np.ascontiguousarray(q), _contiguous(k), np.ascontiguousarray(v),
                                  np.ascontiguousarray(query_windows, dtype=np.int64),
-                                 np.ascontiguousarray(key_windows, dtype=np.int64),
-                                 float(scale), bool(last_resort), float(eps))
+                                 _contiguous(key_windows, np.int64), float(scale), bool(last_resort), float(eps))
+
+
+def _contiguous(x, dtype=None):
+    """``np.ascontiguousarray(x, dtype)``, and None for None (a shared-QK key argument)."""
+    return None if x is None else np.ascontiguousarray(x, dtype=dtype)
 
 
 def _cluster_attention_fused_vjp(argnums, ans, args, kwargs):
@@ -573,14 +582,19 @@ def _cluster_attention_fused_vjp(argnums, ans, args, kwargs):
 
     def vjp(g):
         if gpu is not None:
-            grads = gpu.backward(g.astype(ans.dtype, copy=False), q, k, v, query_windows, key_windows,
-                                 float(scale), bool(last_resort), float(eps))
-            return tuple(grads[i] for i in argnums)
+            shared = k is None
+            dq, dk, dv = gpu.backward(g.astype(ans.dtype, copy=False), q, q if shared else k, v, query_windows,
+                                      query_windows if shared else key_windows, float(scale), bool(last_resort),
+                                      float(eps))
+            if shared:
+                dq, dk = dq + dk, None  # the keys are the queries: both gradients reach q
+            return tuple((dq, dk, dv)[i] for i in argnums)
         # g can arrive in float64 for a float32 output (a loss mixing in float64 constants).
+        # With shared QK (k None) dq already holds the keys' gradient too, and dk is None.
         dq, dk, dv = numba_routing.backward(
-            np.ascontiguousarray(g, dtype=ans.dtype), np.ascontiguousarray(q), np.ascontiguousarray(k),
+            np.ascontiguousarray(g, dtype=ans.dtype), np.ascontiguousarray(q), _contiguous(k),
             np.ascontiguousarray(v), np.ascontiguousarray(query_windows, dtype=np.int64),
-            np.ascontiguousarray(key_windows, dtype=np.int64), float(scale), bool(last_resort), float(eps))
+            _contiguous(key_windows, np.int64), float(scale), bool(last_resort), float(eps))
         return tuple((dq, dk, dv)[i] for i in argnums)
 
     return vjp

@@ -117,7 +117,28 @@ def _assert_matches_reference(q, k, v, g, I, J, scale, last_resort, eps):
     np.testing.assert_array_equal(numba_routing.forward(q, k, v, I, J, scale, last_resort, eps), out)
     for a, b in zip(numba_routing.backward(g, q, k, v, I, J, scale, last_resort, eps), grads):
         np.testing.assert_array_equal(a, b)
+    if k is q and J is I:
+        _assert_shared_form(q, v, g, I, scale, last_resort, eps, out, grads, ref_grads, exact_grads)
     return out, grads
+
+
+def _assert_shared_form(q, v, g, I, scale, last_resort, eps, out, grads, ref_grads, exact_grads):
+    """Shared QK written as ``k=None, key_windows=None`` (what routing_attention passes): each row is
+    gathered once and dq holds the keys' gradient too.  The output and dv are bitwise those of the
+    k=q call; dq is dq + dk of the reference to the same accuracy."""
+    tol = TOL[q.dtype.type]
+    np.testing.assert_array_equal(numba_routing.forward(q, None, v, I, None, scale, last_resort, eps), out)
+    dq, dk, dv = numba_routing.backward(g, q, None, v, I, None, scale, last_resort, eps)
+    assert dk is None
+    np.testing.assert_array_equal(dv, grads[2])
+    _assert_as_accurate(dq, ref_grads[0] + ref_grads[1], exact_grads[0] + exact_grads[1], tol, "dq + dk (shared)")
+
+    def loss(q, v):
+        return (attention.cluster_attention_fused(q, None, v, I, None, scale, last_resort, eps) * g).sum()
+
+    via_autograd = grad(loss, (0, 1))(q, v)
+    np.testing.assert_array_equal(via_autograd[0], dq)
+    np.testing.assert_array_equal(via_autograd[1], dv)
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -239,7 +260,7 @@ def test_bitwise_deterministic_for_any_thread_count_and_schedule(dtype):
     B, H, T, K, W, D = 2, 2, 96, 6, 20, 8
     q, k, v, g, I, J = _case(B, H, T, K, W, D, dtype, shared=False, seed=5)
     before = numba.get_num_threads()
-    results = []
+    results, shared_results = [], []
     try:
         for threads in sorted({1, before}):
             numba.set_num_threads(threads)
@@ -247,11 +268,15 @@ def test_bitwise_deterministic_for_any_thread_count_and_schedule(dtype):
                 out = numba_routing.forward(q, k, v, I, J, 0.3, True, 1e-2, schedule=schedule)
                 grads = numba_routing.backward(g, q, k, v, I, J, 0.3, True, 1e-2, schedule=schedule)
                 results.append((out, *grads))
+                out = numba_routing.forward(q, None, v, I, None, 0.3, True, 1e-2, schedule=schedule)
+                dq, _, dv = numba_routing.backward(g, q, None, v, I, None, 0.3, True, 1e-2, schedule=schedule)
+                shared_results.append((out, dq, dv))
     finally:
         numba.set_num_threads(before)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            np.testing.assert_array_equal(a, b)
+    for runs in (results, shared_results):
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
+                np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="schedule must be one of"):
         numba_routing.forward(q, k, v, I, J, 0.3, True, 1e-2, schedule="threads")
 
@@ -286,3 +311,7 @@ def test_bad_input_is_refused():
         numba_routing.forward(q, k, v, I, np.ascontiguousarray(J[..., ::-1]), *args)
     with pytest.raises(ValueError, match="key_windows must have shape"):
         numba_routing.forward(q, k, v, I, J[:, :, :1].copy(), *args)
+    with pytest.raises(ValueError, match="k and key_windows must both be given, or both be None"):
+        numba_routing.forward(q, None, v, I, J, *args)
+    with pytest.raises(ValueError, match="k and key_windows must both be given, or both be None"):
+        numba_routing.backward(g, q, k, v, I, None, *args)

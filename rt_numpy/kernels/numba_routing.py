@@ -98,17 +98,18 @@ def _visible_counts(query_window, key_window, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _gather_transposed(x, window, out):
-    """``out[d, s] = x[window[s], d]``: x (T, D), window (W,) -> out (D, W).
+def _transpose_rows(rows, W, out):
+    """``out[d, s] = rows[s, d]`` for s < W: rows (R, D) -> out (D, Wp), columns past W untouched.
 
-    Four source rows at a time, so that each output row receives four
-    neighbouring numbers per visit.
+    Four rows at a time, so that each output row receives four neighbouring
+    numbers per visit.  Both tiles are already in cache (the rows were just
+    gathered), which is cheaper than gathering the transposed tile from the
+    (T, D) array a second time.
     """
-    D = x.shape[1]
-    W = window.shape[0]
+    D = rows.shape[1]
     s = 0
     while s + 4 <= W:
-        r0, r1, r2, r3 = x[window[s]], x[window[s + 1]], x[window[s + 2]], x[window[s + 3]]
+        r0, r1, r2, r3 = rows[s], rows[s + 1], rows[s + 2], rows[s + 3]
         for d in range(D):
             o = out[d]
             o[s] = r0[d]
@@ -117,7 +118,7 @@ def _gather_transposed(x, window, out):
             o[s + 3] = r3[d]
         s += 4
     for rest in range(s, W):
-        r = x[window[rest]]
+        r = rows[rest]
         for d in range(D):
             out[d, rest] = r[d]
 
@@ -132,6 +133,17 @@ def _gather_rows(x, window, out):
         dst = out[s]
         for d in range(D):  # an explicit loop: Numba's ``out[s] = x[i]`` was measured 6x slower
             dst[d] = src[d]
+
+
+@njit(cache=True, error_model="numpy")
+def _add_rows(src, dst, rows):
+    """``dst[:rows] += src[:rows]`` for (rows, D) blocks."""
+    D = src.shape[1]
+    for i in range(rows):
+        a = src[i]
+        b = dst[i]
+        for d in range(D):
+            b[d] += a[d]
 
 
 @njit(cache=True, error_model="numpy")
@@ -326,14 +338,14 @@ def _block_probabilities(tiles, p, query_window, key_window, r0, scale, last_res
 
 
 # One thread's scratch for one cluster, with Wp = W rounded up to a multiple of LANES and
-# R = max(W + ROWS - 1, Wp) rows.  kT, vT (D, Wp): the cluster's keys and values transposed (vT
-# backward only), zero past column W; q_rows, g_rows, kv_rows (R, D): its query rows, upstream rows
-# (backward) and key (backward) or value (forward) rows, gathered, zero past row W; visible (R,)
-# int64: how many keys each query row sees; p (4, Wp): a block's probabilities (forward);
-# block_out (4, D): a block's output rows; probs, dlogits (R, Wp): every query row's p / den and
-# logit gradients (backward); lanes (LANES,): partial maxima and sums.
-Tiles = namedtuple("Tiles", ["kT", "vT", "q_rows", "g_rows", "kv_rows", "visible", "p", "block_out",
-                             "probs", "dlogits", "lanes"])
+# R = max(W + ROWS - 1, Wp) rows.  q_rows, k_rows, v_rows, g_rows (R, D): the cluster's query, key,
+# value and upstream (backward) rows, gathered, zero past row W (with shared QK, k_rows is not
+# used: the keys are q_rows); kT, vT (D, Wp): the keys and values transposed (vT backward only),
+# zero past column W; visible (R,) int64: how many keys each query row sees; p (4, Wp): a block's
+# probabilities (forward); block_out (4, D): a block's output rows; probs, dlogits (R, Wp): every
+# query row's p / den and logit gradients (backward); lanes (LANES,): partial maxima and sums.
+Tiles = namedtuple("Tiles", ["q_rows", "k_rows", "v_rows", "g_rows", "kT", "vT", "visible", "p",
+                             "block_out", "probs", "dlogits", "lanes"])
 
 
 @njit(cache=True, error_model="numpy")
@@ -342,28 +354,45 @@ def _cluster_scratch(W, D, dtype):
     gathers never write it."""
     Wp = _padded(W)
     R = max(W + ROWS - 1, Wp)
-    return Tiles(np.zeros((D, Wp), dtype=dtype), np.zeros((D, Wp), dtype=dtype),
+    return Tiles(np.zeros((R, D), dtype=dtype), np.zeros((R, D), dtype=dtype),
                  np.zeros((R, D), dtype=dtype), np.zeros((R, D), dtype=dtype),
-                 np.zeros((R, D), dtype=dtype), np.zeros(R, dtype=np.int64),
-                 np.empty((ROWS, Wp), dtype=dtype), np.empty((ROWS, D), dtype=dtype),
-                 np.empty((R, Wp), dtype=dtype), np.empty((R, Wp), dtype=dtype),
-                 np.empty(LANES, dtype=dtype))
+                 np.zeros((D, Wp), dtype=dtype), np.zeros((D, Wp), dtype=dtype),
+                 np.zeros(R, dtype=np.int64), np.empty((ROWS, Wp), dtype=dtype),
+                 np.empty((ROWS, D), dtype=dtype), np.empty((R, Wp), dtype=dtype),
+                 np.empty((R, Wp), dtype=dtype), np.empty(LANES, dtype=dtype))
+
+
+@njit(cache=True, error_model="numpy")
+def _gather_queries_and_keys(q, k, query_window, key_window, shared, tiles):
+    """Query rows, key rows and keys transposed into the tiles; returns the key rows' tile.
+
+    With ``shared`` (k is q and the key window is the query window: shared
+    QK) the keys are the query rows already gathered, and only the transpose
+    is made.
+    """
+    _gather_rows(q, query_window, tiles.q_rows)  # (T, D) -> (W, D)
+    k_rows = tiles.q_rows
+    if not shared:
+        k_rows = tiles.k_rows
+        _gather_rows(k, key_window, k_rows)  # (T, D) -> (W, D)
+    _transpose_rows(k_rows, key_window.shape[0], tiles.kT)  # (W, D) -> (D, W)
+    _visible_counts(query_window, key_window, tiles.visible)
+    return k_rows
 
 
 # --------------------------------------------------------------------------- forward
 @njit(cache=True, error_model="numpy")
-def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self_logit, out, tiles):
+def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self_logit, shared, out, tiles):
     """Attention inside one cluster: ``out[r] = softmax(logits[r]) @ v[J]``.
 
-    q, k, v (T, D) of one (b, h); query_window, key_window (W,); out (W, D)
-    written; tiles from :func:`_cluster_scratch`.
+    q, k, v (T, D) of one (b, h); query_window, key_window (W,); ``shared``:
+    k is q and the windows are the same (:func:`_gather_queries_and_keys`);
+    out (W, D) written; tiles from :func:`_cluster_scratch`.
     """
     W = query_window.shape[0]
-    v_rows, p, block_out = tiles.kv_rows, tiles.p, tiles.block_out
-    _gather_transposed(k, key_window, tiles.kT)  # (T, D) -> (D, W)
-    _gather_rows(q, query_window, tiles.q_rows)  # (T, D) -> (W, D)
+    v_rows, p, block_out = tiles.v_rows, tiles.p, tiles.block_out
+    _gather_queries_and_keys(q, k, query_window, key_window, shared, tiles)
     _gather_rows(v, key_window, v_rows)  # (T, D) -> (W, D)
-    _visible_counts(query_window, key_window, tiles.visible)
     for r0 in range(0, W, ROWS):
         rows = min(ROWS, W - r0)
         n = _block_probabilities(tiles, p, query_window, key_window, r0, scale, last_resort, self_logit)
@@ -403,7 +432,8 @@ def _cluster_of(i, H, K):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _forward_by_cluster(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, cluster_out):
+def _forward_by_cluster(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, shared,
+                        cluster_out):
     """Every cluster's (W, D) output into ``cluster_out`` (B, H, K, W, D), one cluster per thread."""
     B, H, K, W = query_windows.shape
     D = q.shape[3]
@@ -411,7 +441,7 @@ def _forward_by_cluster(q, k, v, query_windows, key_windows, scale, last_resort,
         b, h, c = _cluster_of(i, H, K)
         tiles = _cluster_scratch(W, D, q.dtype)
         _cluster_forward(q[b, h], k[b, h], v[b, h], query_windows[b, h, c], key_windows[b, h, c],
-                         scale, last_resort, self_logit, cluster_out[b, h, c], tiles)
+                         scale, last_resort, self_logit, shared, cluster_out[b, h, c], tiles)
 
 
 @njit(cache=True, error_model="numpy")
@@ -431,7 +461,8 @@ def _scatter_mean(cluster_out, query_windows, denominators, out):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _forward_by_head(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, denominators, out):
+def _forward_by_head(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, shared,
+                     denominators, out):
     """One (b, h) per thread: its clusters in order, each added into ``out`` (B, H, T, D, zeroed)
     as soon as it is done, then the division by ``denominators`` (B, H, T)."""
     B, H, K, W = query_windows.shape
@@ -443,7 +474,7 @@ def _forward_by_head(q, k, v, query_windows, key_windows, scale, last_resort, se
         rows = np.empty((W, D), dtype=q.dtype)
         for c in range(K):
             _cluster_forward(q[b, h], k[b, h], v[b, h], query_windows[b, h, c], key_windows[b, h, c],
-                             scale, last_resort, self_logit, rows, tiles)
+                             scale, last_resort, self_logit, shared, rows, tiles)
             _add_rows_at(rows, query_windows[b, h, c], out[b, h])
         _divide_rows(out[b, h], denominators[b, h])
 
@@ -451,7 +482,7 @@ def _forward_by_head(q, k, v, query_windows, key_windows, scale, last_resort, se
 # --------------------------------------------------------------------------- backward
 @njit(cache=True, error_model="numpy")
 def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale, last_resort, self_logit,
-                      dq_out, dk_out, dv_out, tiles):
+                      shared, dq_out, dk_out, dv_out, tiles):
     """Gradients of one cluster.
 
     g, q, k, v (T, D) and denominators (T,) = count + eps, of one (b, h).  Query
@@ -459,20 +490,20 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
     ``dp_s = g_r . v_s / den_r``, ``ds_s = scale p_s (dp_s - sum_s' dp_s' p_s')``,
     then ``dq_r = sum_s ds_s k_s``, ``dk_s = sum_r ds_s q_r``,
     ``dv_s = sum_r p_s g_r / den_r``.  dq_out, dk_out, dv_out (W, D) are
-    written.  The first pass goes over query blocks (probabilities, ds, dq)
+    written; with ``shared`` (k is q, one window) row r of dq_out is the
+    whole gradient of position ``query_window[r]``, its query's and its
+    key's (``dq_r + dk_r``), and dk_out is left alone.  The first pass goes over query blocks (probabilities, ds, dq)
     and keeps every row's ``p / den`` and ``ds`` in ``tiles.probs`` and
     ``tiles.dlogits``; the second goes over key blocks (dk, dv), whose
     weights are columns of those tiles.
     """
     W = query_window.shape[0]
-    vT, q_rows, g_rows, k_rows = tiles.vT, tiles.q_rows, tiles.g_rows, tiles.kv_rows
+    vT, q_rows, g_rows = tiles.vT, tiles.q_rows, tiles.g_rows
     block_out, probs, dlogits = tiles.block_out, tiles.probs, tiles.dlogits
-    _gather_transposed(k, key_window, tiles.kT)  # (T, D) -> (D, W)
-    _gather_transposed(v, key_window, vT)  # (T, D) -> (D, W)
-    _gather_rows(q, query_window, q_rows)  # (T, D) -> (W, D)
+    k_rows = _gather_queries_and_keys(q, k, query_window, key_window, shared, tiles)
+    _gather_rows(v, key_window, tiles.v_rows)  # (T, D) -> (W, D)
+    _transpose_rows(tiles.v_rows, W, vT)  # (W, D) -> (D, W)
     _gather_rows(g, query_window, g_rows)
-    _gather_rows(k, key_window, k_rows)
-    _visible_counts(query_window, key_window, tiles.visible)
     zero = scale - scale
     for r0 in range(0, W, ROWS):
         rows = min(ROWS, W - r0)
@@ -513,14 +544,17 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
         while first < W and query_window[first] < key_window[s0]:
             first += 1
         _weights_times_rows(dlogits.T[s0:s0 + ROWS], q_rows, first, W, block_out)  # (4, W) @ (W, D) -> (4, D)
-        _copy_rows(block_out, dk_out[s0:s0 + rows], rows)
+        if shared:
+            _add_rows(block_out, dq_out[s0:s0 + rows], rows)  # key s0 + i is query s0 + i
+        else:
+            _copy_rows(block_out, dk_out[s0:s0 + rows], rows)
         _weights_times_rows(probs.T[s0:s0 + ROWS], g_rows, first, W, block_out)
         _copy_rows(block_out, dv_out[s0:s0 + rows], rows)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, scale, last_resort, self_logit,
-                         dq_clusters, dk_clusters, dv_clusters):
+                         shared, dq_clusters, dk_clusters, dv_clusters):
     """Every cluster's gradient rows into the (B, H, K, W, D) buffers, one cluster per thread."""
     B, H, K, W = query_windows.shape
     D = q.shape[3]
@@ -528,7 +562,7 @@ def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, s
         b, h, c = _cluster_of(i, H, K)
         tiles = _cluster_scratch(W, D, q.dtype)
         _cluster_backward(g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h], query_windows[b, h, c],
-                          key_windows[b, h, c], scale, last_resort, self_logit, dq_clusters[b, h, c],
+                          key_windows[b, h, c], scale, last_resort, self_logit, shared, dq_clusters[b, h, c],
                           dk_clusters[b, h, c], dv_clusters[b, h, c], tiles)
 
 
@@ -543,22 +577,25 @@ def _scatter_rows(cluster_rows, windows, out):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key_windows, dq, dk, dv):
+def _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key_windows, shared, dq, dk, dv):
     """Add the cluster gradient rows into positions in the order (c, r), as :func:`_scatter_mean`
-    does; dq, dk and dv are independent, so they go to different threads."""
+    does; dq, dk and dv are independent, so they go to different threads (with ``shared``, dk is
+    already in dq)."""
     for which in prange(3):
         if which == 0:
             _scatter_rows(dq_clusters, query_windows, dq)
         elif which == 1:
-            _scatter_rows(dk_clusters, key_windows, dk)
+            if not shared:
+                _scatter_rows(dk_clusters, key_windows, dk)
         else:
             _scatter_rows(dv_clusters, key_windows, dv)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _backward_by_head(g, denominators, q, k, v, query_windows, key_windows, scale, last_resort, self_logit,
-                      dq, dk, dv):
-    """One (b, h) per thread: its clusters in order, each added into dq, dk, dv (zeroed) when done."""
+                      shared, dq, dk, dv):
+    """One (b, h) per thread: its clusters in order, each added into dq, dk, dv (zeroed) when done
+    (with ``shared``, dk is already in dq)."""
     B, H, K, W = query_windows.shape
     D = q.shape[3]
     for i in prange(B * H):
@@ -570,10 +607,11 @@ def _backward_by_head(g, denominators, q, k, v, query_windows, key_windows, scal
         dv_rows = np.empty((W, D), dtype=q.dtype)
         for c in range(K):
             _cluster_backward(g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h], query_windows[b, h, c],
-                              key_windows[b, h, c], scale, last_resort, self_logit, dq_rows, dk_rows, dv_rows,
-                              tiles)
+                              key_windows[b, h, c], scale, last_resort, self_logit, shared, dq_rows, dk_rows,
+                              dv_rows, tiles)
             _add_rows_at(dq_rows, query_windows[b, h, c], dq[b, h])
-            _add_rows_at(dk_rows, key_windows[b, h, c], dk[b, h])
+            if not shared:
+                _add_rows_at(dk_rows, key_windows[b, h, c], dk[b, h])
             _add_rows_at(dv_rows, key_windows[b, h, c], dv[b, h])
 
 
@@ -605,6 +643,16 @@ def _check(q, k, v, query_windows, key_windows, g=None):
         if np.any(w[..., 1:] < w[..., :-1]):
             raise ValueError(f"{name} must be sorted by position along the last axis")
     return q.dtype
+
+
+def _shared(q, k, query_windows, key_windows):
+    """``(shared, k, key_windows)``: ``k=None`` with ``key_windows=None`` means shared QK."""
+    if (k is None) != (key_windows is None):
+        raise ValueError("k and key_windows must both be given, or both be None (shared QK: the keys are "
+                         f"the queries), got k={type(k).__name__}, key_windows={type(key_windows).__name__}")
+    if k is None:
+        return True, q, query_windows
+    return False, k, key_windows
 
 
 def _denominators(query_windows, T, eps, dtype):
@@ -641,6 +689,9 @@ def forward(q, k, v, query_windows, key_windows, scale, last_resort, eps, *, sch
     Parameters
     ----------
     q, k, v : ndarray (B, H, T, D), float32 or float64, C-contiguous
+        ``k=None``: shared QK, the keys are the queries (and then
+        ``key_windows`` must be None too: the key windows are the query
+        windows).  Each cluster's rows are then gathered once.
     query_windows, key_windows : ndarray (B, H, K, W) int64, C-contiguous
         Positions of each cluster's queries and keys, ascending along W (as
         :func:`rt_numpy.kmeans.balanced_membership` returns them).
@@ -665,11 +716,12 @@ def forward(q, k, v, query_windows, key_windows, scale, last_resort, eps, *, sch
     SPEC.md section 1 items 4-5; the reference is
     :func:`rt_numpy.attention.cluster_attention_reference`.
     """
+    shared, k, key_windows = _shared(q, k, query_windows, key_windows)
     dtype = _check(q, k, v, query_windows, key_windows)
     B, H, K, W = query_windows.shape
     T, D = q.shape[2:]
     denominators = _denominators(query_windows, T, eps, dtype)  # (B, H, T)
-    constants = (dtype.type(scale), bool(last_resort), dtype.type(SELF_LOGIT))
+    constants = (dtype.type(scale), bool(last_resort), dtype.type(SELF_LOGIT), shared)
     out = np.zeros_like(q)
     if _schedule(schedule, B, H) == "by_head":
         _forward_by_head(q, k, v, query_windows, key_windows, *constants, denominators, out)
@@ -693,6 +745,8 @@ def backward(g, q, k, v, query_windows, key_windows, scale, last_resort, eps, *,
     Returns
     -------
     dq, dk, dv : ndarray (B, H, T, D)
+        With ``k=None`` (shared QK), dk is None and dq is the whole gradient
+        of the shared queries and keys.
 
     Notes
     -----
@@ -702,16 +756,20 @@ def backward(g, q, k, v, query_windows, key_windows, scale, last_resort, eps, *,
     ``dv = P^T g_c``; the self entry under ``last_resort`` is a constant and
     passes nothing to q or k.
     """
+    shared, k, key_windows = _shared(q, k, query_windows, key_windows)
     dtype = _check(q, k, v, query_windows, key_windows, g)
     B, H, K, W = query_windows.shape
     T, D = q.shape[2:]
     denominators = _denominators(query_windows, T, eps, dtype)  # (B, H, T)
-    constants = (dtype.type(scale), bool(last_resort), dtype.type(SELF_LOGIT))
-    dq, dk, dv = np.zeros_like(q), np.zeros_like(q), np.zeros_like(q)
+    constants = (dtype.type(scale), bool(last_resort), dtype.type(SELF_LOGIT), shared)
+    dq, dv = np.zeros_like(q), np.zeros_like(q)
+    dk = dq if shared else np.zeros_like(q)  # with shared QK the kernels never write dk
     if _schedule(schedule, B, H) == "by_head":
         _backward_by_head(g, denominators, q, k, v, query_windows, key_windows, *constants, dq, dk, dv)
     else:
-        buffers = [np.empty((B, H, K, W, D), dtype=dtype) for _ in range(3)]  # dq, dk, dv of each cluster
-        _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, *constants, *buffers)
-        _scatter_gradients(*buffers, query_windows, key_windows, dq, dk, dv)
-    return dq, dk, dv
+        dq_clusters, dv_clusters = (np.empty((B, H, K, W, D), dtype=dtype) for _ in range(2))  # each cluster's rows
+        dk_clusters = dq_clusters if shared else np.empty_like(dq_clusters)
+        _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, *constants,
+                             dq_clusters, dk_clusters, dv_clusters)
+        _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key_windows, shared, dq, dk, dv)
+    return dq, (None if shared else dk), dv
