@@ -128,6 +128,25 @@ def test_route_numba_equals_reference(B, H, T, D, K, W, dtype):
     np.testing.assert_array_equal(ref["counts"], stats["counts"][0])
 
 
+@pytest.mark.parametrize("B, H", [(1, 1), (2, 3)])
+def test_route_is_the_same_for_any_number_of_threads(B, H):
+    """The top-W rows are shared among threads in runs whose length depends on the thread count."""
+    import numba
+
+    points, means = _data(B, H, 300, 8, 13, np.float32, seed=9)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            results.append(kmeans.route(points, means, 40, impl="numba"))
+    finally:
+        numba.set_num_threads(before)
+    for other in results[1:]:
+        for name in ("assignments", "sums", "counts", "windows"):
+            np.testing.assert_array_equal(other[name], results[0][name], err_msg=name)
+
+
 def test_route_refuses_bad_input():
     points, means = _data(1, 2, 10, 3, 4, np.float32)
     with pytest.raises(ValueError, match="window_size"):

@@ -25,6 +25,7 @@ kernels must agree with the reference to the last bit where they can.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -218,24 +219,33 @@ def _nearest_from_scores(scores, best, out):
 
 
 @njit(cache=True, parallel=True)
-def _route(scores, points, W, assignments, sums, counts, members):
-    """Nearest centroid, sums, counts and top-W of every head; the heads are shared among threads.
+def _route(scores, points, W, tasks_per_head, assignments, sums, counts, members):
+    """Nearest centroid, sums, counts and top-W of every head, shared among threads.
 
     scores (B, H, K, T), points (B, H, T, D); writes assignments (B, H, T),
     sums (H, K, D) and counts (H, K) (both zeroed), members (B, H, K, W).
-    Within a head, points are added in (b, t) order, as in the reference.
+    First each head (one per thread) finds its nearest centroids and adds its
+    points, in (b, t) order as in the reference; then the top-W rows are
+    shared out as ``tasks_per_head`` runs of clusters per (b, h), so that a
+    single head still keeps every thread busy.  Every number is computed by
+    the same code whatever the split: the result does not depend on it.
     """
     B, H, K, T = scores.shape
     for h in prange(H):
-        best = np.empty(T, dtype=scores.dtype)  # scratch of this head's thread
-        sample = np.empty(T, dtype=scores.dtype)
-        values = np.empty(T, dtype=scores.dtype)
-        positions = np.empty(T, dtype=np.int64)
+        best = np.empty(T, dtype=scores.dtype)  # scratch of this task
         for b in range(B):
             _nearest_from_scores(scores[b, h], best, assignments[b, h])
             _accumulate(assignments[b, h], points[b, h], sums[h], counts[h])
-            for k in range(K):
-                _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
+    per_task = (K + tasks_per_head - 1) // tasks_per_head  # clusters per task
+    for task in prange(B * H * tasks_per_head):
+        b = task // (H * tasks_per_head)
+        h = (task // tasks_per_head) % H
+        first = (task % tasks_per_head) * per_task
+        sample = np.empty(T, dtype=scores.dtype)  # scratch of this task
+        values = np.empty(T, dtype=scores.dtype)
+        positions = np.empty(T, dtype=np.int64)
+        for k in range(first, min(K, first + per_task)):
+            _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
 
 
 def route_from_scores(scores, points, W):
@@ -264,5 +274,7 @@ def route_from_scores(scores, points, W):
     sums = np.zeros((H, K, D), dtype=points.dtype)
     counts = np.zeros((H, K), dtype=np.int64)
     members = np.empty((B, H, K, W), dtype=np.int64)
-    _route(np.ascontiguousarray(scores), points, W, assignments, sums, counts, members)
+    threads = numba.get_num_threads()
+    tasks_per_head = max(1, min(K, -(-threads // (B * H))))  # at least one task per thread
+    _route(np.ascontiguousarray(scores), points, W, tasks_per_head, assignments, sums, counts, members)
     return assignments, sums, counts, members
