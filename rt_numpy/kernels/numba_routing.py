@@ -45,6 +45,16 @@ How they are fast without ``fastmath``:
   the buffers into positions in the same order (c, r).  Both give the same
   bits.  Either way a call opens one parallel region.
 
+* The small helpers are compiled into the kernel that calls them
+  (``inline="always"``).  A call of a separately compiled helper updates the
+  reference count of each array view it receives or makes (an atomic
+  operation each): for the small per-block helpers that had cost about as much
+  as their arithmetic (BENCHMARKS.md, session 4).  The three loops that do
+  the arithmetic (:func:`_rows_times_tile`, :func:`_weights_times_rows`,
+  :func:`_block_softmax`) stay separate functions: inlining them too was 10%
+  faster with 8 heads but tripled the time to compile (90 s instead of 30 s
+  for float32, once per machine: the compiled code is cached).
+
 This module imports numpy, numba and :mod:`rt_numpy.kernels.numba_exp` only.  No ``fastmath``;
 ``error_model="numpy"`` (a division by zero gives inf or NaN instead of
 raising), which lets LLVM vectorise the loops that divide.  No division here
@@ -75,13 +85,13 @@ LANES = 16  # loops over a cluster's keys run over a multiple of this many (one 
 
 
 # --------------------------------------------------------------------------- building blocks
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _padded(n):
     """n rounded up to a multiple of LANES."""
     return (n + LANES - 1) // LANES * LANES
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _visible_counts(query_window, key_window, out):
     """``out[r]`` = how many keys query row r sees (key position <= query position), 0 past row W.
 
@@ -97,7 +107,7 @@ def _visible_counts(query_window, key_window, out):
     out[W:] = 0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _transpose_rows(rows, W, out):
     """``out[d, s] = rows[s, d]`` for s < W: rows (R, D) -> out (D, Wp), columns past W untouched.
 
@@ -123,7 +133,7 @@ def _transpose_rows(rows, W, out):
             out[d, rest] = r[d]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _gather_rows(x, window, out):
     """``out[s] = x[window[s]]`` for s < W: x (T, D), window (W,) -> out (R, D), whose rows past W
     stay as they are (zero, from :func:`_cluster_scratch`)."""
@@ -135,7 +145,7 @@ def _gather_rows(x, window, out):
             dst[d] = src[d]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _add_rows(src, dst, rows):
     """``dst[:rows] += src[:rows]`` for (rows, D) blocks."""
     D = src.shape[1]
@@ -146,7 +156,7 @@ def _add_rows(src, dst, rows):
             b[d] += a[d]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _copy_rows(src, dst, rows):
     """``dst[:rows] = src[:rows]`` for (rows, D) blocks, as an explicit loop (see :func:`_gather_rows`)."""
     D = src.shape[1]
@@ -234,7 +244,7 @@ def _weights_times_rows(w, rows, start, stop, out):
             c3[d] += a3 * y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _lane_max(x, n, lanes):
     """The largest of ``x[:n]``, n a multiple of LANES, taken as LANES running maxima.
 
@@ -255,7 +265,7 @@ def _lane_max(x, n, lanes):
     return m
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _lane_sum(x, n, lanes):
     """``sum(x[:n])``, n a multiple of LANES, as LANES partial sums (lane j adds x[j], x[j + LANES],
     ...) added in lane order at the end: a fixed order, so the same bits every time."""
@@ -269,7 +279,7 @@ def _lane_sum(x, n, lanes):
     return total
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _lane_dot(x, y, n, lanes):
     """``sum(x[:n] * y[:n])`` in the order of :func:`_lane_sum`."""
     lanes[:] = 0
@@ -318,7 +328,7 @@ def _block_softmax(p, counts, n, key_window, positions, scale, last_resort, self
             row[s] = row[s] / total
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _block_probabilities(tiles, p, query_window, key_window, r0, scale, last_resort, self_logit):
     """Probabilities of query rows r0 .. r0 + 3 of a cluster into ``p`` (4, Wp); returns the block's n.
 
@@ -348,7 +358,7 @@ Tiles = namedtuple("Tiles", ["q_rows", "k_rows", "v_rows", "g_rows", "kT", "vT",
                              "block_out", "probs", "dlogits", "lanes"])
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _cluster_scratch(W, D, dtype):
     """A :data:`Tiles` for clusters of W rows of D numbers; the padding is zeroed here and the
     gathers never write it."""
@@ -362,7 +372,7 @@ def _cluster_scratch(W, D, dtype):
                  np.empty((R, Wp), dtype=dtype), np.empty(LANES, dtype=dtype))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _gather_queries_and_keys(q, k, query_window, key_window, shared, tiles):
     """Query rows, key rows and keys transposed into the tiles; returns the key rows' tile.
 
@@ -381,7 +391,7 @@ def _gather_queries_and_keys(q, k, query_window, key_window, shared, tiles):
 
 
 # --------------------------------------------------------------------------- forward
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self_logit, shared, out, tiles):
     """Attention inside one cluster: ``out[r] = softmax(logits[r]) @ v[J]``.
 
@@ -403,7 +413,7 @@ def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self
         _copy_rows(block_out, out[r0:r0 + rows], rows)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _add_rows_at(rows, window, out):
     """``out[window[r]] += rows[r]`` in the order r = 0, 1, ...: rows (W, D), window (W,), out (T, D)."""
     D = out.shape[1]
@@ -414,7 +424,7 @@ def _add_rows_at(rows, window, out):
             dst[d] += src[d]
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _divide_rows(x, denominators):
     """``x[t] /= denominators[t]``: x (T, D), denominators (T,)."""
     D = x.shape[1]
@@ -425,7 +435,7 @@ def _divide_rows(x, denominators):
             row[d] = row[d] / denominator
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _cluster_of(i, H, K):
     """``(b, h, c)`` of the i-th cluster when clusters are numbered b-major: i = (b H + h) K + c."""
     return i // (H * K), (i // K) % H, i % K
@@ -444,7 +454,7 @@ def _forward_by_cluster(q, k, v, query_windows, key_windows, scale, last_resort,
                          scale, last_resort, self_logit, shared, cluster_out[b, h, c], tiles)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _scatter_mean(cluster_out, query_windows, denominators, out):
     """``out[t] = (sum of the cluster rows at position t) / denominators[t]``.
 
@@ -480,7 +490,7 @@ def _forward_by_head(q, k, v, query_windows, key_windows, scale, last_resort, se
 
 
 # --------------------------------------------------------------------------- backward
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale, last_resort, self_logit,
                       shared, dq_out, dk_out, dv_out, tiles):
     """Gradients of one cluster.
@@ -566,7 +576,7 @@ def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, s
                           dk_clusters[b, h, c], dv_clusters[b, h, c], tiles)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def _scatter_rows(cluster_rows, windows, out):
     """``out[b, h, windows[b, h, c, r]] += cluster_rows[b, h, c, r]`` in the order (b, h, c, r)."""
     B, H, K, W = windows.shape
