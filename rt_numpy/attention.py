@@ -286,12 +286,13 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
 
     # 2. Commitment loss, from the start-of-step assignments.
     errors = [_commitment_error(x, mu, a) for x, a in zip(streams, stats["assignments"])]
-    if shared_qk and combine == "sum":
-        errors = errors * 2  # the official code adds e_q + e_k with k = q
     loss = errors[0]
     for e in errors[1:]:
         loss = ops.add(loss, e)
-    loss = ops.scale(loss, commitment / (len(errors) if combine == "mean" else 1))
+    # The official code adds e_q + e_k with k = q: with shared QK and "sum" that is 2 e_q, taken here
+    # as a factor of 2 (the same bits as e_q + e_q, for the value and the gradient; one pass fewer).
+    twice = shared_qk and combine == "sum"
+    loss = ops.scale(loss, commitment * (2 if twice else 1) / (len(errors) if combine == "mean" else 1))
 
     # 3. The vectors the logits are made of.
     if logits == "normalized":
