@@ -346,6 +346,24 @@ def cluster_scores(points, means):
     return means[None] @ points.swapaxes(-1, -2)  # (1, H, K, D) @ (B, H, D, T) -> (B, H, K, T)
 
 
+def _scores_of_one_stream(points, means, window_size, impl, caller):
+    """Checked inputs of :func:`balanced_membership` and :func:`route`, and the scores.
+
+    Returns ``(x, means, W, impl, scores)``: the points (autograd boxes looked
+    through), the checked centroids, the window size, the resolved ``impl``
+    and :func:`cluster_scores` (B, H, K, T).
+    """
+    means = _check_means(means)
+    if isinstance(points, (list, tuple)):
+        raise TypeError(f"points must be one array (B, H, T, D), got a {type(points).__name__}: "
+                        f"call {caller} once per stream")
+    (x,) = _check_points(points, means)
+    x = getval(x)
+    W = _check_int("window_size", window_size, 1, x.shape[2], what=f" (T={x.shape[2]})")
+    impl = backend.resolve_impl(impl, backend.get_array_module(means, x))
+    return x, means, W, impl, cluster_scores(x, means)  # scores (B, H, K, T)
+
+
 def balanced_membership(points, means, window_size, *, impl="auto"):
     """The ``window_size`` points most similar to each centroid, sorted by position.
 
@@ -370,16 +388,7 @@ def balanced_membership(points, means, window_size, *, impl="auto"):
     SPEC.md section 1 item 3 (``membership="balanced"``).  Taken over the whole
     sequence, so it is not causal: see SPEC.md section 3.
     """
-    means = _check_means(means)
-    if isinstance(points, (list, tuple)):
-        raise TypeError(f"points must be one array (B, H, T, D), got a {type(points).__name__}: "
-                        "call balanced_membership once per stream")
-    (x,) = _check_points(points, means)
-    x = getval(x)
-    W = _check_int("window_size", window_size, 1, x.shape[2], what=f" (T={x.shape[2]})")
-    xp = backend.get_array_module(means, x)
-    impl = backend.resolve_impl(impl, xp)
-    scores = cluster_scores(x, means)  # (B, H, K, T)
+    x, means, W, impl, scores = _scores_of_one_stream(points, means, window_size, impl, "balanced_membership")
     if impl == "numba":
         from rt_numpy.kernels import numba_kmeans
 
@@ -425,16 +434,8 @@ def route(points, means, window_size, *, impl="auto"):
     in :func:`cluster_stats`; the Numba path and the reference of this
     function read the same scores and agree exactly.
     """
-    means = _check_means(means)
-    if isinstance(points, (list, tuple)):
-        raise TypeError(f"points must be one array (B, H, T, D), got a {type(points).__name__}: "
-                        "call route once per stream")
-    (x,) = _check_points(points, means)
-    x = getval(x)
-    W = _check_int("window_size", window_size, 1, x.shape[2], what=f" (T={x.shape[2]})")
-    xp = backend.get_array_module(means, x)
-    impl = backend.resolve_impl(impl, xp)
-    scores = cluster_scores(x, means)  # (B, H, K, T)
+    x, means, W, impl, scores = _scores_of_one_stream(points, means, window_size, impl, "route")
+    xp = backend.get_array_module(scores)
     if impl == "numba":
         from rt_numpy.kernels import numba_kmeans
 
