@@ -17,9 +17,15 @@ How they are fast without ``fastmath``:
   query position) are a prefix of the key window, and the queries that see a
   key are a suffix of the query window.  The invisible part is skipped, which
   halves the work of a causal cluster.
-* A cluster's rows are gathered once into contiguous tiles (keys and values
-  transposed, (D, W), for the products whose inner loop runs over keys; rows,
-  (W, D), for the others), padded with zeros.
+* A cluster's rows are gathered once into contiguous (W, D) tiles, padded
+  with zeros, by explicit loops (Numba's ``out[s] = x[i]`` row assignment was
+  6x slower).  The transposed (D, W) tiles that the products over keys need
+  are made from the row tiles, in cache.  With shared QK (``k=None``) the key
+  rows are the query rows: one gather fewer, and the backward returns the
+  queries' and the keys' gradients already added (one scatter fewer).
+* The backward keeps every query row's probabilities and logit gradients in
+  (W, W) tiles, row by row as the first pass makes them; the second pass,
+  over key rows, reads their columns through transposed views.
 * Rows are worked ``ROWS`` = 4 at a time.  Every product is a small matrix
   product of a (4, n) or (4, D) block with a tile, written so that each number
   loaded from the tile serves four rows and each pass over an output row
@@ -44,7 +50,6 @@ How they are fast without ``fastmath``:
   writes their rows into a (B, H, K, W, D) buffer; a second, serial pass adds
   the buffers into positions in the same order (c, r).  Both give the same
   bits.  Either way a call opens one parallel region.
-
 * The small helpers are compiled into the kernel that calls them
   (``inline="always"``).  A call of a separately compiled helper updates the
   reference count of each array view it receives or makes (an atomic
@@ -52,8 +57,8 @@ How they are fast without ``fastmath``:
   as their arithmetic (BENCHMARKS.md, session 4).  The three loops that do
   the arithmetic (:func:`_rows_times_tile`, :func:`_weights_times_rows`,
   :func:`_block_softmax`) stay separate functions: inlining them too was 10%
-  faster with 8 heads but tripled the time to compile (90 s instead of 30 s
-  for float32, once per machine: the compiled code is cached).
+  faster with 8 heads but took 2.4 times as long to compile (88 s instead of
+  36 s for float32, once per machine: the compiled code is cached).
 
 This module imports numpy, numba and :mod:`rt_numpy.kernels.numba_exp` only.  No ``fastmath``;
 ``error_model="numpy"`` (a division by zero gives inf or NaN instead of
