@@ -10,9 +10,11 @@ not depend on the number of threads.
 ``tanh`` is not called: with ``s = sigmoid(2u) = (1 + tanh(u)) / 2`` the
 function is ``gelu(x) = x s`` and its derivative ``s + 2 x s (1 - s) u'``
 (because ``1 - tanh(u)^2 = 4 s (1 - s)``), and ``s`` and ``1 - s`` come from one
-``exp`` of a number <= 0.  Numba compiles ``math.exp``
-to a fast call and ``math.tanh`` to a slow one (measured 1.8 against 14 ns per
-float32 element here), and this form is also more accurate in the tails than
+``exp`` of a number <= 0.  Numba compiles ``math.tanh`` to a slow call (14 ns
+per float32 element here, against 1.8 ns for ``math.exp``), and
+:func:`rt_numpy.kernels.numba_exp.exp_nonpositive` is plain arithmetic that
+vectorises (on a (1, 1024, 2048) float32 array the forward took 0.82 ms
+against 2.26 ms with ``math.exp``).  This form is also more accurate in the tails than
 ``1 - tanh(u)^2``, which cancels to 0 once ``tanh(u)`` rounds to -1: for x below
 about -4 in float32 the readable formula's derivative carries an absolute error
 of about 1e-6 that this one does not.  Nothing overflows for any finite x.
@@ -22,7 +24,8 @@ shared helper returning ``(s, 1 - s)`` the loops ran 1.4x and 1.9x slower here.
 
 ``tests/test_elementwise_kernels.py`` checks both kernels against the
 readable formulas over a grid of shapes, dtypes and edge values.  No
-``fastmath``.  This module is a leaf: it imports numpy and numba only.
+``fastmath``.  This module imports numpy, numba and
+:mod:`rt_numpy.kernels.numba_exp` only.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ import math
 
 import numpy as np
 from numba import njit, prange
+
+from rt_numpy.kernels.numba_exp import exp_nonpositive
 
 GELU_C = math.sqrt(2.0 / math.pi)  # the same constants as rt_numpy.ops
 GELU_A = 0.044715
@@ -45,7 +50,7 @@ def _gelu_forward(x, out):
     for i in prange(x.shape[0]):
         v = x[i]
         z = two * c * (v + a * v * v * v)  # 2u
-        m = math.exp(-abs(z))  # in (0, 1]: never overflows
+        m = exp_nonpositive(-abs(z))  # in (0, 1]: never overflows
         r = one / (one + m)  # sigmoid(|z|)
         s = r if z >= 0 else m * r  # sigmoid(z)
         out[i] = v * s
@@ -62,7 +67,7 @@ def _gelu_derivative(x, out):
     for i in prange(x.shape[0]):
         v = x[i]
         z = two * c * (v + a * v * v * v)  # 2u
-        m = math.exp(-abs(z))
+        m = exp_nonpositive(-abs(z))
         r = one / (one + m)
         s = r if z >= 0 else m * r  # sigmoid(z)
         rest = m * r if z >= 0 else r  # 1 - sigmoid(z), without cancellation
