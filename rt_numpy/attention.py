@@ -552,9 +552,9 @@ def cluster_attention_fused(q, k, v, query_windows, key_windows, scale, last_res
     Same arguments and result as the reference (``last_resort`` is
     ``self_attend == "last_resort"``), except that ``k=None`` with
     ``key_windows=None`` means shared QK: the keys are the queries, in the
-    same windows, and the Numba kernels gather each cluster's rows once.  Nothing of size (K, W, W) is kept for
-    the backward pass: the backward kernel recomputes each cluster's
-    probabilities, as FlashAttention does.  First-order gradients only.
+    same windows, and the Numba kernels gather each cluster's rows once.
+    Nothing of size (K, W, W) is kept for the backward pass: the backward
+    kernel recomputes each cluster's probabilities, as FlashAttention does.  First-order gradients only.
     On CuPy arrays :mod:`rt_numpy.kernels.cupy_routing` runs, with the same
     signature as the Numba module.
     """

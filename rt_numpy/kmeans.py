@@ -316,11 +316,11 @@ def cluster_stats(points, means, *, impl="auto"):
 def _stats_reference(x, means):
     xp = backend.get_array_module(x, means)
     assignments = xp.argmax(similarities(x, means), axis=-1)  # (B, H, T, K) -> (B, H, T)
-    return _stats_from_assignments(x, assignments, means.shape[1])
+    return (assignments, *_sums_and_counts(x, assignments, means.shape[1]))
 
 
-def _stats_from_assignments(x, assignments, K):
-    """(assignments, sums (H, K, D), counts (H, K)) of points x (B, H, T, D) sent to ``assignments``."""
+def _sums_and_counts(x, assignments, K):
+    """Per-cluster sums (H, K, D) and counts (H, K) of points x (B, H, T, D) sent to ``assignments`` (B, H, T)."""
     xp = backend.get_array_module(x)
     B, H, T, D = x.shape
     per_head = assignments.transpose(1, 0, 2).reshape(H, B * T)  # (H, B*T), in (b, t) order
@@ -328,7 +328,7 @@ def _stats_from_assignments(x, assignments, K):
     sums = ops.scatter_add_rows(x.transpose(1, 0, 2, 3).reshape(H, B * T, D), per_head, K)  # (H, K, D)
     heads = xp.arange(H)[:, None] * K  # (H, 1): each head's clusters get their own counters
     counts = xp.bincount((per_head + heads).reshape(-1), minlength=H * K).reshape(H, K).astype(xp.int64)
-    return assignments, sums, counts
+    return sums, counts
 
 
 def _stats_numba(x, means):
@@ -388,7 +388,12 @@ def balanced_membership(points, means, window_size, *, impl="auto"):
     SPEC.md section 1 item 3 (``membership="balanced"``).  Taken over the whole
     sequence, so it is not causal: see SPEC.md section 3.
     """
-    x, means, W, impl, scores = _scores_of_one_stream(points, means, window_size, impl, "balanced_membership")
+    _, _, W, impl, scores = _scores_of_one_stream(points, means, window_size, impl, "balanced_membership")
+    return _top_w(scores, W, impl)
+
+
+def _top_w(scores, W, impl):
+    """Balanced top-W of the scores (B, H, K, T) -> (B, H, K, W) on the path ``impl`` asks for."""
     if impl == "numba":
         from rt_numpy.kernels import numba_kmeans
 
@@ -442,14 +447,8 @@ def route(points, means, window_size, *, impl="auto"):
         assignments, sums, counts, windows = numba_kmeans.route_from_scores(scores, np.ascontiguousarray(x), W)
         return {"assignments": assignments, "sums": sums, "counts": counts, "windows": windows}
     assignments = xp.argmax(scores, axis=-2)  # (B, H, K, T) -> (B, H, T): the first maximum wins
-    _, sums, counts = _stats_from_assignments(x, assignments, means.shape[1])
-    if impl == "cupy":
-        from rt_numpy.kernels import cupy_kmeans
-
-        windows = cupy_kmeans.top_w_positions(scores, W)
-    else:
-        windows = top_w_reference(scores, W)
-    return {"assignments": assignments, "sums": sums, "counts": counts, "windows": windows}
+    sums, counts = _sums_and_counts(x, assignments, means.shape[1])
+    return {"assignments": assignments, "sums": sums, "counts": counts, "windows": _top_w(scores, W, impl)}
 
 
 def top_w_reference(scores, window_size):

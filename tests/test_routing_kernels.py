@@ -289,6 +289,12 @@ def test_check_grads_finite_differences(shared, last_resort):
         return attention.cluster_attention_fused(q, k, v, I, J, 0.8, last_resort, 1e-2)
 
     check_grads(f, modes=["rev"], order=1)(q, k, v)
+    if shared:  # the k=None form, whose dq also carries the keys' gradient
+
+        def f_shared(q, v):
+            return attention.cluster_attention_fused(q, None, v, I, None, 0.8, last_resort, 1e-2)
+
+        check_grads(f_shared, modes=["rev"], order=1)(q, v)
 
 
 # ------------------------------------------------------------------------------ bad input

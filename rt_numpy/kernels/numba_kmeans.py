@@ -1,6 +1,6 @@
 """Numba kernels for online k-means (CPU fast path of :mod:`rt_numpy.kmeans`).
 
-Two kernels, each computing exactly what a reference function in
+Three kernels, each computing exactly what a reference function in
 :mod:`rt_numpy.kmeans` computes (``tests/test_kmeans_kernels.py`` proves it):
 
 * :func:`assign_and_stats` - nearest centroid of every point plus the
