@@ -15,8 +15,9 @@ Routing is shared-QK everywhere (every released LM config); "forward+backward"
 is the gradient of ``sum(out * g)`` (plus the commitment loss) with respect to
 q and v.  NumPy and torch are timed in separate phases (their thread pools
 interfere when interleaved).  Every phase runs with freed memory kept for reuse
-(:func:`rt_numpy.allocator.reuse_freed_memory`, set once for the whole process).  Peak memory is the growth of the process's
-peak resident set (VmHWM) while one forward+backward runs, each in a fresh process.
+(:func:`rt_numpy.runtime.configure_process`, set once for the whole process).
+Peak memory is the growth of the process's peak resident set (VmHWM) while one forward+backward
+runs, each in a fresh process.
 The growth exponent is the least-squares slope of log(ms) against log(T) over
 T = 2048 ... 16384.
 """
@@ -27,15 +28,25 @@ import os
 import subprocess
 import sys
 
-import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
 import numpy as np
 
+import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (bench_parser, machine_line, median_ms, print_table, record, torch_anchors_available,  # noqa: E402
-                    torch_attention_loss, write_json)
+from common import (  # noqa: E402
+    bench_parser,
+    machine_line,
+    median_ms,
+    print_table,
+    record,
+    torch_anchors_available,
+    torch_attention_loss,
+    write_json,
+)
 
 D = 64
-DENSE_MAX_ELEMENTS = 2**28  # dense attention only up to H*T*T = 2^28 (1 head at T=16384): 8 heads at T=8192 needed over 24 GiB
+# Dense attention only up to H*T*T = 2^28 (1 head at T=16384): 8 heads at T=8192 needed over 24 GiB.
+DENSE_MAX_ELEMENTS = 2**28
 
 
 def window_for(T):
@@ -120,7 +131,7 @@ def peak_mib(impl, H, T):
 import resource, sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import attention as b
-from rt_numpy.allocator import reuse_freed_memory; reuse_freed_memory()  # as in the timing phase
+from rt_numpy import runtime; runtime.configure_process()  # as in the timing phase
 maker, kind = b.IMPLS[{impl!r}]
 maker(kind, {H}, 64, True)()          # compile / warm up on a small size
 run = maker(kind, {H}, {T}, True)     # inputs allocated before the baseline
@@ -197,7 +208,8 @@ def main(argv=None):
                 for impl in impls:
                     ms = times.get((impl, H, T, backward))
                     row.append(f"{ms:.1f}" if ms is not None else "-")
-                port, mine = times.get(("routing_transformer", H, T, backward)), times[("rt_numpy-numba", H, T, backward)]
+                port = times.get(("routing_transformer", H, T, backward))
+                mine = times[("rt_numpy-numba", H, T, backward)]
                 row.append(f"{port / mine:.1f}x" if port else "-")
                 rows.append(row)
         print_table(["T", "W/K", "pass", *impls, "port/ours"], rows)

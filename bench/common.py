@@ -134,11 +134,11 @@ def bench_parser(doc, quick_help="tiny sizes, few repeats (a smoke test)", torch
     """The options every bench script shares: ``--json PATH``, ``--quick`` (and ``--no-torch``, ``--no-memory``)."""
     import argparse
 
-    # Every library timed in this process (ours and the torch anchors) gets the same allocator
-    # setting: freed memory is kept for reuse (rt_numpy/allocator.py says why).
-    from rt_numpy.allocator import reuse_freed_memory
+    # Every library timed in this process (ours and the torch anchors) gets the same process-wide
+    # settings: freed memory is kept for reuse (rt_numpy/runtime.py says why).
+    from rt_numpy import runtime
 
-    reuse_freed_memory()
+    runtime.configure_process()
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON records")
     parser.add_argument("--quick", action="store_true", help=quick_help)

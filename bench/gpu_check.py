@@ -18,7 +18,7 @@ the call names it: ``carry: [".whl"]``.
 
 What runs, in this order, within about 5 minutes on one H100/H200:
 
-1. ``pytest tests/test_gpu.py`` (CuPy against NumPy for every primitive, the k-means
+1. ``pytest tests/gpu/test_gpu.py`` (CuPy against NumPy for every primitive, the k-means
    functions, the top-W and fused routing kernels, the three attentions, one
    training step, sampling, a checkpoint round trip and the ``--device gpu`` CLI);
    its outcome is a record and the exit status.
@@ -50,8 +50,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from common import (bench_parser, machine_line, print_table, record, torch_anchors_available,  # noqa: E402
-                    torch_attention_loss, write_json)
+from common import (  # noqa: E402
+    bench_parser,
+    machine_line,
+    print_table,
+    record,
+    torch_anchors_available,
+    torch_attention_loss,
+    write_json,
+)
 
 H, D = 8, 64
 TS = [4096, 16384, 65536]
@@ -86,20 +93,20 @@ def inputs(T, seed=0):
 
 # ----------------------------------------------------------------- 1. the GPU tests
 def run_tests(records):
-    print("== pytest tests/test_gpu.py", flush=True)
+    print("== pytest tests/gpu/test_gpu.py", flush=True)
     start = time.perf_counter()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:  # bounded, so that a hung test cannot use up the device time before any timing
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 "tests/test_gpu.py"], cwd=root, capture_output=True, text=True, timeout=150)
+                                 "tests/gpu/test_gpu.py"], cwd=root, capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         result = subprocess.CompletedProcess(e.cmd, 1, out + "\ntimed out after 150 s", "")
     print(result.stdout[-6000:], result.stderr[-3000:], sep="\n", flush=True)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "no output"
-    record(records, "rt_numpy-cupy", {"check": "tests/test_gpu.py", "summary": summary}, "tests_passed",
+    record(records, "rt_numpy-cupy", {"check": "tests/gpu/test_gpu.py", "summary": summary}, "tests_passed",
            float(result.returncode == 0), "bool")
-    record(records, "rt_numpy-cupy", {"check": "tests/test_gpu.py"}, "seconds", time.perf_counter() - start, "s")
+    record(records, "rt_numpy-cupy", {"check": "tests/gpu/test_gpu.py"}, "seconds", time.perf_counter() - start, "s")
     return result.returncode == 0
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import sys
 
-import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
 import numpy as np
+
+import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench_parser, machine_line, matmul_peak_gflops, median_ms, print_table, record, write_json  # noqa: E402

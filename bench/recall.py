@@ -56,14 +56,14 @@ import os
 import sys
 import time
 
-import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, print_table, record, write_json  # noqa: E402
+import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import autograd  # noqa: E402
 from autograd.tracer import getval  # noqa: E402
+from common import machine_line, print_table, record, write_json  # noqa: E402
 
 from rt_numpy import attention, data, kmeans, model, ops, optim, train  # noqa: E402
 
@@ -230,7 +230,7 @@ def train_model(name, cfg, tcfg, task, args, log=print):
 
 def build_configs(args):
     cfg_route = model.Config(
-        vocab_size=256, seq_len=args.seq_len, width=args.width, n_layers=args.layers, n_heads=args.heads,
+        vocab_size=256, seq_len=args.seq_len, width=args.width, n_layers=args.layers, num_heads=args.heads,
         n_route_heads=args.route_heads, n_route_layers=args.route_layers, num_clusters=args.clusters,
         window_size=args.window, block_size=args.block, look_back=args.look_back, ff_mult=args.ff_mult,
         shared_qk=not args.separate_qk, pos_encoding=args.pos, ema_decay=args.ema_decay,
@@ -343,7 +343,7 @@ def main(argv=None):
         cfg = configs[r["model"]]
         case = {"task": "recall", "model": r["model"], "T": cfg.seq_len, "distance": task["distance"],
                 "local_window": window, "n_pairs": task["n_pairs"], "key_len": task["key_len"],
-                "value_len": task["value_len"], "C": cfg.width, "layers": cfg.n_layers, "H": cfg.n_heads,
+                "value_len": task["value_len"], "C": cfg.width, "layers": cfg.n_layers, "H": cfg.num_heads,
                 "route_heads": cfg.n_route_heads, "route_layers": cfg.n_route_layers if cfg.n_route_heads else 0,
                 "K": cfg.num_clusters, "W": cfg.window_size, "shared_qk": cfg.shared_qk,
                 "steps": r["steps"], "batch_size": tcfg.batch_size, "seed": tcfg.seed, "quick": bool(args.quick)}

@@ -33,8 +33,9 @@ float32, causal, shared QK, all measured in this run:
 
 NumPy and torch are timed in separate phases (their thread pools interfere when
 interleaved).  Every phase runs with freed memory kept for reuse
-(:func:`rt_numpy.allocator.reuse_freed_memory`, set once for the whole process).  Times are medians over several steps after warm-up steps (the
-port's first step also runs its lazy k-means initialisation).  Peak memory is
+(:func:`rt_numpy.runtime.configure_process`, set once for the whole process).
+Times are medians over several steps after warm-up steps (the port's first step also runs its lazy
+k-means initialisation).  Peak memory is
 the growth of the process's peak resident set (VmHWM) during one training step
 at T, in a fresh interpreter per (impl, T), after a warm-up step of a small
 model (compiling the Numba kernels, loading torch's kernels) and after the
@@ -48,8 +49,9 @@ import subprocess
 import sys
 import warnings
 
-import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
 import numpy as np
+
+import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import bench_parser, machine_line, median_ms, print_table, record, torch_anchors_available, write_json  # noqa: E402
@@ -72,7 +74,7 @@ def ours(kind, T, C, W):
     """A function running one rt_numpy training step per call; kind: 'numba' or 'ref'."""
     from rt_numpy import model, optim, train
 
-    cfg = model.Config(vocab_size=V, seq_len=T, width=C, n_layers=LAYERS, n_heads=HEADS,
+    cfg = model.Config(vocab_size=V, seq_len=T, width=C, n_layers=LAYERS, num_heads=HEADS,
                        n_route_heads=HEADS - LOCAL_HEADS, n_route_layers=LAYERS, num_clusters=T // W,
                        window_size=W, block_size=W, dtype="float32")
     tcfg = train.TrainConfig(steps=10**6, batch_size=1, lr=LR, warmup_steps=0, weight_decay=WEIGHT_DECAY,
@@ -143,7 +145,7 @@ def runs_at(impl, T, quick):
 
 def schedule(T, quick):
     """(warm-up steps, timed steps).  Enough timed steps that the median is steady on a shared
-    machine (with 5 and 3 of them, session 4 saw medians move by 8% from run to run)."""
+    machine (with 5 and 3 of them, the runs of 2026-11-28 saw medians move by 8% from run to run)."""
     if quick:
         return 1, 2
     return (3, 11) if T <= 1024 else (2, 7)
@@ -163,7 +165,7 @@ def peak_mib(impl, T, C, W):
 import resource, sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import train_step as b
-from rt_numpy.allocator import reuse_freed_memory; reuse_freed_memory()  # as in the timing phase
+from rt_numpy import runtime; runtime.configure_process()  # as in the timing phase
 maker, kind = b.IMPLS[{impl!r}]
 maker(kind, {small}, {C}, {W})()      # compile / warm up on a small model
 run = maker(kind, {T}, {C}, {W})      # model, optimiser and batch allocated before the baseline

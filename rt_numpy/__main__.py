@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from rt_numpy import allocator, backend, data, kmeans
+from rt_numpy import backend, data, kmeans, runtime
 
 
 def _configs(args):
@@ -104,17 +104,17 @@ def _clustered_points(rng, batch, heads, length, dim, centers):
 def cmd_kmeans_demo(args):
     """Online k-means on a stream of batches; prints the loss and how many hidden directions were found."""
     rng = np.random.default_rng(args.seed)
-    H, K, D, B, T = args.heads, args.clusters, args.dim, args.batch, args.length
+    H, K, D, B, T = args.num_heads, args.num_clusters, args.dim, args.batch, args.length
     centers = kmeans.normalize(rng.standard_normal((H, K, D)), "l2")  # hidden directions (H, K, D)
     state = kmeans.init_state(H, K, D, rng=rng, norm=args.norm, dtype=np.float32)
     impl = backend.resolve_impl(args.impl)
     print(f"online k-means demo: H={H} K={K} D={D}, batches of B={B} x T={T}, norm={args.norm}, "
-          f"decay={args.decay}, impl={impl}")
+          f"ema_decay={args.ema_decay}, impl={impl}")
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         points = kmeans.normalize(_clustered_points(rng, B, H, T, D, centers).astype(np.float32), args.norm)
         loss = kmeans.commitment_loss(points, state["means"], commitment=1.0)
-        state, stats = kmeans.kmeans_step(state, points, decay=args.decay, norm=args.norm, impl=impl)
+        state, stats = kmeans.kmeans_step(state, points, ema_decay=args.ema_decay, norm=args.norm, impl=impl)
         if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
             used = int((stats["counts"][0] > 0).sum())
             print(f"step {step:5d}  mean squared distance to nearest centroid {float(loss):.4f}  "
@@ -178,12 +178,12 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("kmeans-demo", help="online k-means on clustered vectors")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--clusters", type=int, default=16)
+    p.add_argument("--num-heads", dest="num_heads", type=int, default=4)
+    p.add_argument("--num-clusters", dest="num_clusters", type=int, default=16)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--decay", type=float, default=0.99)
+    p.add_argument("--ema-decay", dest="ema_decay", type=float, default=0.99)
     p.add_argument("--norm", choices=kmeans.NORMS, default="ln")
     p.add_argument("--impl", choices=backend.IMPLS, default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
             backend.require_gpu()
         except RuntimeError as e:
             parser.error(str(e))  # exit status 2, with the reason
-    allocator.reuse_freed_memory()  # this process is ours: keep freed memory (rt_numpy/allocator.py)
+    runtime.configure_process()  # this process is ours (docs/design.md#process-wide-settings)
     return args.func(args)
 
 

@@ -9,6 +9,11 @@ Two independent choices are made here:
   :mod:`rt_numpy.kernels`) or ``"cupy"`` (GPU kernels).  ``"auto"`` picks the
   fastest one available for the array module of the inputs.
 
+:func:`resolve_impl` is the one place where an ``impl`` argument becomes what
+runs.  A public function enters :func:`use_impl` around its body, and every
+primitive inside asks :func:`active_impl` or :func:`kernel_impl`, forward and
+backward (docs/design.md#choosing-an-implementation).
+
 The reference path can be forced everywhere, for debugging or for checking a
 result, with the :func:`reference_only` context manager or by setting the
 environment variable ``RT_NUMPY_FORCE_REF=1`` before the call.  Forcing wins
@@ -40,7 +45,7 @@ IMPLS = ("auto", "ref", "numba", "cupy")
 DEVICES = ("cpu", "gpu")
 FORCE_REF_ENV = "RT_NUMPY_FORCE_REF"
 
-_local = threading.local()  # per-thread depth of reference_only() blocks
+_local = threading.local()  # per thread: depth of reference_only() blocks, the use_impl() in effect
 _available: dict[str, bool] = {}
 
 
@@ -58,26 +63,6 @@ def _module_available(name: str) -> bool:
 def numba_available() -> bool:
     """True when numba can be imported."""
     return _module_available("numba")
-
-
-def numba_kernel_applies(*arrays) -> bool:
-    """True when a Numba kernel should run on ``arrays`` instead of the readable array code.
-
-    All of them NumPy float32/float64 arrays of one dtype and one shape, numba
-    installed and compiling (under ``NUMBA_DISABLE_JIT=1`` a kernel's loop
-    would run element by element in Python, so the array code runs instead),
-    and the reference path not forced (:func:`reference_only`).
-    """
-    first = arrays[0]
-    if any(type(x) is not np.ndarray for x in arrays) or first.dtype not in (np.float32, np.float64):
-        return False
-    if any(x.dtype != first.dtype or x.shape != first.shape for x in arrays):
-        return False
-    if resolve_impl("auto") != "numba":
-        return False
-    from numba.core.config import DISABLE_JIT
-
-    return not DISABLE_JIT
 
 
 def cupy_available() -> bool:
@@ -121,41 +106,26 @@ def get_array_module(*arrays):
 def force_reference_active() -> bool:
     """True inside :func:`reference_only` or when ``RT_NUMPY_FORCE_REF`` is set."""
     env = os.environ.get(FORCE_REF_ENV, "").strip().lower()
-    return getattr(_local, "depth", 0) > 0 or env not in ("", "0", "false", "no")
-
-
-@contextlib.contextmanager
-def reference_only():
-    """Run every rt_numpy operation inside the block on its reference path.
-
-    Examples
-    --------
-    >>> from rt_numpy import backend
-    >>> with backend.reference_only():
-    ...     backend.resolve_impl("auto")
-    'ref'
-    """
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _local.depth -= 1
+    return getattr(_local, "forced", 0) > 0 or env not in ("", "0", "false", "no")
 
 
 def resolve_impl(impl: str = "auto", xp=np) -> str:
-    """Turn an ``impl`` argument into the implementation that will run.
+    """Turn an ``impl`` argument into the implementation that will run: the one place this is decided.
 
     Parameters
     ----------
     impl : {"auto", "ref", "numba", "cupy"}
-        What the caller asked for.
+        What the caller asked for.  ``"auto"`` inside a :func:`use_impl` block
+        is what that block resolved; outside one, the fastest implementation
+        installed for ``xp``.
     xp : module
         The array module of the inputs (from :func:`get_array_module`).
 
     Returns
     -------
     str
-        ``"ref"``, ``"numba"`` or ``"cupy"``.
+        ``"ref"``, ``"numba"`` or ``"cupy"``.  Always ``"ref"`` when the
+        reference path is forced (:func:`reference_only`, ``RT_NUMPY_FORCE_REF``).
 
     Raises
     ------
@@ -179,10 +149,78 @@ def resolve_impl(impl: str = "auto", xp=np) -> str:
     if force_reference_active():
         return "ref"
     if impl == "auto":
+        active = getattr(_local, "impl", None)
+        if active == "ref" or (active is not None and (active == "cupy") == on_gpu):
+            return active
         if on_gpu:
             return "cupy"
         return "numba" if numba_available() else "ref"
     return impl
+
+
+@contextlib.contextmanager
+def use_impl(impl: str = "auto", xp=np):
+    """Run the block on ``resolve_impl(impl, xp)``: every primitive inside, forward and backward, honours it.
+
+    Public functions (routing attention, the model, k-means, the optimiser)
+    enter this block around their body, so an ``impl="ref"`` given at the top
+    reaches every operation below, and the VJPs of :mod:`rt_numpy.ops` run
+    under the implementation that was active during their forward pass
+    (docs/design.md#choosing-an-implementation).  Yields the resolved name.
+    """
+    resolved = resolve_impl(impl, xp)
+    outer = getattr(_local, "impl", None)
+    _local.impl = resolved
+    try:
+        yield resolved
+    finally:
+        _local.impl = outer
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run every rt_numpy operation inside the block on its reference path, whatever ``impl`` says.
+
+    Examples
+    --------
+    >>> from rt_numpy import backend
+    >>> with backend.reference_only():
+    ...     backend.resolve_impl("auto")
+    'ref'
+    """
+    _local.forced = getattr(_local, "forced", 0) + 1
+    try:
+        yield
+    finally:
+        _local.forced -= 1
+
+
+def active_impl(xp=np) -> str:
+    """The implementation a primitive on arrays of module ``xp`` runs now (``resolve_impl("auto", xp)``)."""
+    return resolve_impl("auto", xp)
+
+
+def kernel_impl(*arrays) -> str:
+    """Which implementation of an elementwise or row-wise primitive runs on ``arrays``.
+
+    ``"numba"`` when the active implementation is Numba and every array is a
+    NumPy float32/float64 array of one dtype and one shape, compiled code
+    running (under ``NUMBA_DISABLE_JIT=1`` a kernel's loop would run element by
+    element in Python, so the array code runs instead); ``"cupy"`` on CuPy
+    arrays unless the reference is forced; ``"ref"`` otherwise.
+    """
+    xp = get_array_module(*arrays)
+    run = active_impl(xp)
+    if run != "numba":
+        return run
+    first = arrays[0]
+    if any(type(x) is not np.ndarray for x in arrays) or first.dtype not in (np.float32, np.float64):
+        return "ref"
+    if any(x.dtype != first.dtype or x.shape != first.shape for x in arrays):
+        return "ref"
+    from numba.core.config import DISABLE_JIT
+
+    return "ref" if DISABLE_JIT else "numba"
 
 
 # --------------------------------------------------------------------------- GPU (CuPy)
@@ -215,7 +253,7 @@ def use_cupy():
     which Box class wraps a value and how to make zeros, ones and sums in its
     vector space.  Both are given here for CuPy.  autograd.numpy's own VJPs
     would still build NumPy arrays, which is why rt_numpy differentiates only
-    through :mod:`rt_numpy.ops` (DESIGN.md, "Differentiation").
+    through :mod:`rt_numpy.ops` (docs/design.md#differentiation).
     """
     global _cupy_registered
     if _cupy_registered:

@@ -9,7 +9,7 @@ after one k-means update and the gradients.  :func:`save` and :func:`load`
 keep such a dict in an ``.npz`` file (no pickles), and :func:`compare` /
 :func:`assert_close` put your numbers beside ours, one line per array.
 
-Conventions (SPEC.md section 1): the defaults are the official code's;
+Conventions (docs/algorithm.md#1-one-routing-head): the defaults are the official code's;
 :func:`port_conventions` gives the options under which rt_numpy reproduces the
 PyTorch port (``routing-transformer`` 1.6.1).  docs/conventions.md lists every
 difference and the test that shows it; tutorials/04_crosscheck.py is the walk
@@ -34,7 +34,7 @@ import zipfile
 import numpy as np
 from autograd import grad
 
-from rt_numpy import attention, kmeans, ops
+from rt_numpy import _checks, attention, backend, kmeans, ops
 
 FORMAT = "rt_numpy.crosscheck/1"  # stored in the options, so that a reader knows what it holds
 
@@ -82,12 +82,12 @@ _WINDOWS = ("query_windows", "key_windows")  # compared as sets: the order insid
 
 
 def official_conventions():
-    """The options of the official TensorFlow code, rt_numpy's defaults (SPEC.md section 1).
+    """The options of the official TensorFlow code, rt_numpy's defaults (docs/algorithm.md#1-one-routing-head).
 
     Returns a dict of keyword arguments for :func:`reference`.
     """
-    return {"norm": "ln", "logits": "normalized", "self_attend": "allow", "eps": 1e-2, "commitment": 1e-4,
-            "combine": "sum", "update": "ema", "decay": 0.999, "update_eps": 1e-5}
+    return {"norm": "ln", "logits": "normalized", "self_attend": "allow", "combine_eps": 1e-2, "commitment": 1e-4,
+            "commitment_qk": "sum", "centroid_update": "ema", "ema_decay": 0.999, "laplace_eps": 1e-5}
 
 
 def port_conventions(shared_qk=True):
@@ -101,27 +101,27 @@ def port_conventions(shared_qk=True):
     Returns
     -------
     dict
-        Keyword arguments for :func:`reference` (and, but for ``update`` and
-        ``decay``, for :func:`rt_numpy.attention.routing_attention`).  With
+        Keyword arguments for :func:`reference` (and, but for
+        ``centroid_update``, ``ema_decay`` and ``laplace_eps``, for :func:`rt_numpy.attention.routing_attention`).  With
         separate QK and a causal port module, also pass its memory key/value
         as ``mem_kv=(mem_key[:, :, 0], mem_value[:, :, 0])``.
 
     Notes
     -----
-    SPEC.md section 1: L2 normalisation, raw queries against L2-normalised
+    docs/algorithm.md#1-one-routing-head: L2 normalisation, raw queries against L2-normalised
     (shared QK) or raw keys divided by sqrt(D), the -5e4 self logit with
     shared QK, scatter-mean eps 1e-5, one mean over queries and keys in the
     commitment loss, the spherical centroid update.
     """
     return {"norm": "l2", "logits": "scaled", "self_attend": "last_resort" if shared_qk else "allow",
-            "eps": 1e-5, "commitment": 1e-4, "combine": "mean", "update": "spherical", "decay": 0.999,
-            "update_eps": 1e-5}
+            "combine_eps": 1e-5, "commitment": 1e-4, "commitment_qk": "mean", "centroid_update": "spherical",
+            "ema_decay": 0.999, "laplace_eps": 1e-5}
 
 
 # --------------------------------------------------------------------------- the reference
 def reference(q, k, v, means, *, window_size=None, upstream, shared_qk=True, norm="ln", logits="normalized",
-              membership="balanced", self_attend="allow", eps=1e-2, commitment=1e-4, combine="sum",
-              mem_kv=None, update="ema", decay=0.999, update_eps=1e-5, state=None):
+              membership="balanced", self_attend="allow", combine_eps=1e-2, commitment=1e-4, commitment_qk="sum",
+              mem_kv=None, centroid_update="ema", ema_decay=0.999, laplace_eps=1e-5, state=None):
     """Everything one routing-attention step computes, on rt_numpy's reference path.
 
     Parameters
@@ -135,11 +135,11 @@ def reference(q, k, v, means, *, window_size=None, upstream, shared_qk=True, nor
     upstream : float array (B, H, T, D)
         The gradient arriving at the output; the gradients returned are those
         of ``sum(upstream * out)``, and separately of the commitment loss.
-    shared_qk, norm, logits, membership, self_attend, eps, commitment, combine, mem_kv
+    shared_qk, norm, logits, membership, self_attend, combine_eps, commitment, commitment_qk, mem_kv
         As in :func:`rt_numpy.attention.routing_attention`.
-    update, decay, update_eps
-        The k-means update (:func:`rt_numpy.kmeans.update_state`'s ``update``,
-        ``decay`` and ``eps``), applied once to this step's statistics.
+    centroid_update, ema_decay, laplace_eps
+        The k-means update (as in :func:`rt_numpy.kmeans.update_state`), applied
+        once to this step's statistics.
     state : dict, optional
         k-means state before the update; default: a fresh state around
         ``means`` (:func:`rt_numpy.kmeans.state_from_means`).
@@ -153,19 +153,21 @@ def reference(q, k, v, means, *, window_size=None, upstream, shared_qk=True, nor
 
     Notes
     -----
-    SPEC.md section 1 items 1-6 and 8.  Runs with ``impl="ref"``: the plain
+    docs/algorithm.md#11-normalise, docs/algorithm.md#12-similarities, docs/algorithm.md#13-membership,
+    docs/algorithm.md#14-attention-inside-a-cluster, docs/algorithm.md#15-combine,
+    docs/algorithm.md#16-centroid-update, docs/algorithm.md#18-commitment-loss.  Runs with ``impl="ref"``: the plain
     array code, not the Numba kernels.  Routing decisions come from the
     normalised queries (and keys) against ``means``, exactly as inside
     :func:`rt_numpy.attention.routing_attention`.
     """
     if shared_qk:
         k = q
-    B, H, T, D = attention._check_qkv(q, k, v)
+    B, H, T, D = _checks.qkv(q, k, v)
     upstream = _check_like("upstream", upstream, q)
     options = {"window_size": window_size, "shared_qk": bool(shared_qk), "norm": norm, "logits": logits,
-               "membership": membership, "self_attend": self_attend, "eps": eps, "commitment": commitment,
-               "combine": combine}
-    kmeans._choice("update", update, kmeans.UPDATES)
+               "membership": membership, "self_attend": self_attend, "combine_eps": combine_eps,
+               "commitment": commitment, "commitment_qk": commitment_qk}
+    _checks.choice("centroid_update", centroid_update, kmeans.UPDATES)
     state = kmeans.state_from_means(means) if state is None else state
     kmeans.check_state(state)
     if state["means"].shape != means.shape or not np.array_equal(state["means"], means):
@@ -189,7 +191,8 @@ def reference(q, k, v, means, *, window_size=None, upstream, shared_qk=True, nor
     argnums = (0, 2) + (() if shared_qk else (1,)) + tuple(range(3, 3 + len(mem)))
     grads = grad(objective, argnums)(q, k, v, *mem)
     commitment_grads = grad(commitment_only, (0,) if shared_qk else (0, 1))(q, k, v, *mem)
-    new_state = kmeans.update_state(state, stats, update=update, decay=decay, eps=update_eps, norm=norm)
+    new_state = kmeans.update_state(state, stats, centroid_update=centroid_update, ema_decay=ema_decay,
+                                    laplace_eps=laplace_eps, norm=norm)
 
     result = {"q": q, "v": v, "means": means, "state_counts": state["counts"], "state_sums": state["sums"],
               "upstream": upstream, "assignments": stats["assignments"], "cluster_counts": stats["counts"],
@@ -201,12 +204,14 @@ def reference(q, k, v, means, *, window_size=None, upstream, shared_qk=True, nor
     if mem:
         result.update(mem_k=mem[0], mem_v=mem[1], grad_mem_k=grads[-2], grad_mem_v=grads[-1])
     if membership == "balanced":
-        qn = kmeans.normalize(q, norm)  # (B, H, T, D)
+        with backend.use_impl("ref"):
+            qn = kmeans.normalize(q, norm)  # (B, H, T, D)
+            kn = None if shared_qk else kmeans.normalize(k, norm)
         result["query_windows"] = kmeans.balanced_membership(qn, means, window_size, impl="ref")  # (B, H, K, W)
         if not shared_qk:
-            result["key_windows"] = kmeans.balanced_membership(kmeans.normalize(k, norm), means, window_size,
-                                                               impl="ref")
-    options.update(update=update, decay=decay, update_eps=update_eps, mem_kv=bool(mem), format=FORMAT)
+            result["key_windows"] = kmeans.balanced_membership(kn, means, window_size, impl="ref")
+    options.update(centroid_update=centroid_update, ema_decay=ema_decay, laplace_eps=laplace_eps, mem_kv=bool(mem),
+                   format=FORMAT)
     result["options"] = np.array(json.dumps(options, sort_keys=True))
     return {name: np.array(value) for name, value in result.items()}
 

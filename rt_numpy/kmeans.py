@@ -2,9 +2,9 @@
 
 Every routing head owns K centroids.  Queries and keys are normalised, each one is
 compared with every centroid by a dot product, and the centroids follow the
-data with an exponential moving average (SPEC.md section 1; paper section 4.1).
+data with an exponential moving average (docs/algorithm.md#1-one-routing-head; paper section 4.1).
 
-Shapes (SPEC.md alphabet): points (B, H, T, D), centroids ``means`` (H, K, D).
+Shapes (docs/algorithm.md#alphabet): points (B, H, T, D), centroids ``means`` (H, K, D).
 Everything is batched over heads: head h of the points only meets head h's
 centroids.
 
@@ -24,82 +24,17 @@ reference that the kernels are tested against.
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 from autograd.tracer import getval
 
-from rt_numpy import backend, ops
+from rt_numpy import _checks, backend, ops
 
 NORMS = ("ln", "l2")
 INITS = ("normal", "data")
 UPDATES = ("ema", "spherical", "paper")
-COMBINES = ("sum", "mean")
+COMMITMENT_QK = ("sum", "mean")
 LN_EPS = 1e-6  # inside the square root of the parameter-free layer norm (official code)
 L2_EPS = 1e-12  # smallest norm divided by (PyTorch port)
-
-
-# --------------------------------------------------------------------------- checks
-def _choice(name, value, options):
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-
-
-def _check_int(name, value, low, high=None, what=""):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}{what}, got {value}")
-    return int(value)
-
-
-def _check_float_array(name, x, ndim):
-    """A finite float32/float64 array with ``ndim`` axes (autograd boxes are looked through)."""
-    x = getval(x)
-    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} axes, got shape {tuple(x.shape)}")
-    xp = backend.get_array_module(x)
-    finite = xp.isfinite(x)
-    if not bool(finite.all()):
-        where = tuple(int(i) for i in xp.argwhere(~finite)[0])  # the first bad entry, for the message
-        raise ValueError(f"{name} contains NaN or infinity: got {float(x[where])} at index {where}")
-    return x
-
-
-def _check_means(means):
-    means = _check_float_array("means", means, 3)  # (H, K, D)
-    if 0 in means.shape:  # K = 0 would make the Numba kernel index past its arrays
-        raise ValueError(f"means must not be empty, got shape {tuple(means.shape)}")
-    return means
-
-
-def _check_points(points, means, name="points"):
-    """Points as a tuple of streams (queries, keys, ...), each (B, H, T, D), checked against means."""
-    streams = tuple(points) if isinstance(points, (list, tuple)) else (points,)
-    if not streams:
-        raise ValueError(f"{name} must hold at least one array, got an empty {type(points).__name__}")
-    H, K, D = getval(means).shape
-    shape = None
-    for i, x in enumerate(streams):
-        label = name if len(streams) == 1 else f"{name}[{i}]"
-        x = _check_float_array(label, x, 4)
-        if x.dtype != getval(means).dtype:
-            raise TypeError(f"{label} has dtype {x.dtype} but means has dtype {getval(means).dtype}")
-        if x.shape[1] != H or x.shape[3] != D:
-            raise ValueError(
-                f"{label} of shape {tuple(x.shape)} does not fit means of shape {(H, K, D)}: "
-                f"expected (B, {H}, T, {D})")
-        if 0 in x.shape:
-            raise ValueError(f"{label} must not be empty, got shape {tuple(x.shape)}")
-        if shape is not None and x.shape != shape:
-            raise ValueError(f"all streams of {name} must share one shape, got {shape} and {tuple(x.shape)}")
-        shape = x.shape
-    return streams
 
 
 def check_state(state):
@@ -110,24 +45,7 @@ def check_state(state):
     TypeError, ValueError
         Missing keys, wrong shapes or dtypes, non-finite values or negative counts.
     """
-    if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict with keys means, counts, sums; got {type(state).__name__}")
-    missing = {"means", "counts", "sums"} - set(state)
-    if missing:
-        raise ValueError(f"state is missing keys {sorted(missing)}; got keys {list(state)}")
-    means = _check_float_array("state['means']", state["means"], 3)
-    counts = _check_float_array("state['counts']", state["counts"], 2)
-    sums = _check_float_array("state['sums']", state["sums"], 3)
-    if counts.shape != means.shape[:2] or sums.shape != means.shape:
-        raise ValueError(
-            f"state shapes disagree: means {tuple(means.shape)}, counts {tuple(counts.shape)} "
-            f"(expected {tuple(means.shape[:2])}), sums {tuple(sums.shape)}")
-    if counts.dtype != means.dtype or sums.dtype != means.dtype:
-        raise TypeError(f"state arrays must share one dtype, got means {means.dtype}, "
-                        f"counts {counts.dtype}, sums {sums.dtype}")
-    if bool((counts < 0).any()):
-        raise ValueError(f"state['counts'] must not be negative, got minimum {float(counts.min())}")
-    return means.shape
+    return _checks.kmeans_state(state)
 
 
 # --------------------------------------------------------------------- normalisation
@@ -149,11 +67,11 @@ def normalize(x, norm="ln"):
 
     Notes
     -----
-    SPEC.md section 1 item 1.  Built from :mod:`rt_numpy.ops` primitives, so it is
+    docs/algorithm.md#11-normalise.  Built from :mod:`rt_numpy.ops` primitives, so it is
     differentiable (the commitment loss sends its gradient through it) and runs
     on CuPy arrays.
     """
-    _choice("norm", norm, NORMS)
+    _checks.choice("norm", norm, NORMS)
     if norm == "ln":
         return ops.layer_norm_free(x, LN_EPS)
     return ops.l2_normalize(x, L2_EPS)
@@ -164,9 +82,9 @@ def state_from_means(means):
     """A fresh state around given centroids: zero counts, sums equal to the means.
 
     The running sums start at the centroids (no bias correction), as in the
-    official code and VQ-VAE (SPEC.md section 1 item 6).
+    official code and VQ-VAE (docs/algorithm.md#16-centroid-update).
     """
-    _check_means(means)
+    _checks.means(means)
     xp = backend.get_array_module(means)
     return {"means": means.copy(), "counts": xp.zeros(means.shape[:2], means.dtype), "sums": means.copy()}
 
@@ -209,16 +127,15 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
 
     Notes
     -----
-    SPEC.md section 1 item 7.  Unlike the PyTorch port, the data-based start picks
+    docs/algorithm.md#17-initialisation.  Unlike the PyTorch port, the data-based start picks
     and averages *normalised* points, so the centroids live where the points do.
     """
-    H = _check_int("num_heads", num_heads, 1)
-    K = _check_int("num_clusters", num_clusters, 1)
-    D = _check_int("dim", dim, 1)
-    _choice("init", init, INITS)
-    _choice("norm", norm, NORMS)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {rng!r} of type {type(rng).__name__}")
+    H = _checks.integer("num_heads", num_heads, 1)
+    K = _checks.integer("num_clusters", num_clusters, 1)
+    D = _checks.integer("dim", dim, 1)
+    _checks.choice("init", init, INITS)
+    _checks.choice("norm", norm, NORMS)
+    _checks.generator("rng", rng)
     if dtype is None:
         dtype = getval(points).dtype if init == "data" and hasattr(getval(points), "dtype") else np.float32
     if np.dtype(dtype) not in (np.float32, np.float64):
@@ -226,13 +143,14 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
     if init == "normal":
         if points is not None:
             raise ValueError("points are only used with init='data'; got points with init='normal'")
-        means = normalize(rng.standard_normal((H, K, D)), norm).astype(dtype)  # (H, K, D)
+        with backend.use_impl(impl):
+            means = normalize(rng.standard_normal((H, K, D)), norm).astype(dtype)  # (H, K, D)
         return state_from_means(means)
 
-    lloyd_iters = _check_int("lloyd_iters", lloyd_iters, 0)
+    lloyd_iters = _checks.integer("lloyd_iters", lloyd_iters, 0)
     if points is None:
         raise ValueError("init='data' needs points of shape (B, H, T, D)")
-    x = _check_float_array("points", points, 4)
+    x = _checks.float_array("points", points, 4)
     if x.shape[1] != H or x.shape[3] != D:
         raise ValueError(f"points of shape {tuple(x.shape)} do not fit num_heads={H}, dim={D}")
     if x.dtype != np.dtype(dtype):
@@ -252,7 +170,8 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
     for _ in range(lloyd_iters):
         stats = cluster_stats(x, means, impl=impl)
         sums, counts = stats["sums"][0], stats["counts"][0]  # (H, K, D), (H, K)
-        means = xp.where(counts[..., None] > 0, normalize(sums, norm), means).astype(dtype)
+        with backend.use_impl(impl, xp):
+            means = xp.where(counts[..., None] > 0, normalize(sums, norm), means).astype(dtype)
     return state_from_means(means)
 
 
@@ -261,18 +180,20 @@ def similarities(points, means):
     """Dot products of every point with every centroid of its head.
 
     points (B, H, T, D), means (H, K, D) -> (B, H, T, K).  Larger is closer.
-    SPEC.md section 1 item 2.
+    docs/algorithm.md#12-similarities.
     """
     return points @ means.swapaxes(-1, -2)[None]  # (B, H, T, D) @ (1, H, D, K) -> (B, H, T, K)
 
 
-def nearest(points, means, *, impl="auto"):
+def nearest(points, means):
     """Index of the nearest centroid of every point (argmax of the dot product).
 
     points (B, H, T, D), means (H, K, D) -> (B, H, T) int64.  Ties go to the
-    lower cluster index.  SPEC.md section 1 item 6.
+    lower cluster index.  docs/algorithm.md#16-centroid-update.
     """
-    return cluster_stats(points, means, impl=impl)["assignments"][0]
+    means = _checks.means(means)
+    (x,) = _checks.points(points, means)
+    return backend.get_array_module(x).argmax(similarities(x, means), axis=-1)  # (B, H, T, K) -> (B, H, T)
 
 
 def cluster_stats(points, means, *, impl="auto"):
@@ -296,16 +217,17 @@ def cluster_stats(points, means, *, impl="auto"):
 
     Notes
     -----
-    SPEC.md section 1 item 6.  The reference builds the (B, H, T, K) similarity
+    docs/algorithm.md#16-centroid-update.  The reference builds the (B, H, T, K) similarity
     matrix; the Numba path never does (it works a tile of points at a time).
     """
-    means = _check_means(means)
-    streams = [getval(x) for x in _check_points(points, means)]
+    means = _checks.means(means)
+    streams = [getval(x) for x in _checks.points(points, means)]
     xp = backend.get_array_module(means, *streams)
     impl = backend.resolve_impl(impl, xp)
     # On a GPU ("cupy") the reference itself is the fast path: one matrix product, an argmax,
     # and the sums by the deterministic scatter-add of ops.scatter_add_rows.
-    results = [_stats_numba(x, means) if impl == "numba" else _stats_reference(x, means) for x in streams]
+    with backend.use_impl(impl, xp):  # the scatter-add of the sums follows impl too
+        results = [_stats_reference(x, means) if impl != "numba" else _stats_numba(x, means) for x in streams]
     return {
         "assignments": xp.stack([r[0] for r in results]),  # S x (B, H, T) -> (S, B, H, T)
         "sums": xp.stack([r[1] for r in results]),  # S x (H, K, D) -> (S, H, K, D)
@@ -314,8 +236,7 @@ def cluster_stats(points, means, *, impl="auto"):
 
 
 def _stats_reference(x, means):
-    xp = backend.get_array_module(x, means)
-    assignments = xp.argmax(similarities(x, means), axis=-1)  # (B, H, T, K) -> (B, H, T)
+    assignments = nearest(x, means)  # (B, H, T)
     return (assignments, *_sums_and_counts(x, assignments, means.shape[1]))
 
 
@@ -353,13 +274,13 @@ def _scores_of_one_stream(points, means, window_size, impl, caller):
     through), the checked centroids, the window size, the resolved ``impl``
     and :func:`cluster_scores` (B, H, K, T).
     """
-    means = _check_means(means)
+    means = _checks.means(means)
     if isinstance(points, (list, tuple)):
         raise TypeError(f"points must be one array (B, H, T, D), got a {type(points).__name__}: "
                         f"call {caller} once per stream")
-    (x,) = _check_points(points, means)
+    (x,) = _checks.points(points, means)
     x = getval(x)
-    W = _check_int("window_size", window_size, 1, x.shape[2], what=f" (T={x.shape[2]})")
+    W = _checks.integer("window_size", window_size, 1, x.shape[2], what=f" (T={x.shape[2]})")
     impl = backend.resolve_impl(impl, backend.get_array_module(means, x))
     return x, means, W, impl, cluster_scores(x, means)  # scores (B, H, K, T)
 
@@ -385,8 +306,8 @@ def balanced_membership(points, means, window_size, *, impl="auto"):
 
     Notes
     -----
-    SPEC.md section 1 item 3 (``membership="balanced"``).  Taken over the whole
-    sequence, so it is not causal: see SPEC.md section 3.
+    docs/algorithm.md#13-membership (``membership="balanced"``).  Taken over the whole
+    sequence, so it is not causal: see docs/algorithm.md#3-the-causal-leak.
     """
     _, _, W, impl, scores = _scores_of_one_stream(points, means, window_size, impl, "balanced_membership")
     return _top_w(scores, W, impl)
@@ -394,15 +315,15 @@ def balanced_membership(points, means, window_size, *, impl="auto"):
 
 def _top_w(scores, W, impl):
     """Balanced top-W of the scores (B, H, K, T) -> (B, H, K, W) on the path ``impl`` asks for."""
+    if impl == "ref":
+        return top_w_reference(scores, W)
     if impl == "numba":
         from rt_numpy.kernels import numba_kmeans
 
         return numba_kmeans.top_w_positions(scores, W)
-    if impl == "cupy":
-        from rt_numpy.kernels import cupy_kmeans
+    from rt_numpy.kernels import cupy_kmeans
 
-        return cupy_kmeans.top_w_positions(scores, W)
-    return top_w_reference(scores, W)
+    return cupy_kmeans.top_w_positions(scores, W)
 
 
 def route(points, means, window_size, *, impl="auto"):
@@ -433,7 +354,7 @@ def route(points, means, window_size, *, impl="auto"):
 
     Notes
     -----
-    SPEC.md section 1 items 3 and 6.  The scores are the numbers of
+    docs/algorithm.md#13-membership, docs/algorithm.md#16-centroid-update.  The scores are the numbers of
     :func:`similarities`, transposed, but come from another matrix product, so
     on an exact tie in rounding a point could go to another cluster here than
     in :func:`cluster_stats`; the Numba path and the reference of this
@@ -441,13 +362,14 @@ def route(points, means, window_size, *, impl="auto"):
     """
     x, means, W, impl, scores = _scores_of_one_stream(points, means, window_size, impl, "route")
     xp = backend.get_array_module(scores)
-    if impl == "numba":
+    if impl == "numba":  # one pass over the scores for both decisions
         from rt_numpy.kernels import numba_kmeans
 
         assignments, sums, counts, windows = numba_kmeans.route_from_scores(scores, np.ascontiguousarray(x), W)
         return {"assignments": assignments, "sums": sums, "counts": counts, "windows": windows}
     assignments = xp.argmax(scores, axis=-2)  # (B, H, K, T) -> (B, H, T): the first maximum wins
-    sums, counts = _sums_and_counts(x, assignments, means.shape[1])
+    with backend.use_impl(impl, xp):  # the scatter-add of the sums follows impl too
+        sums, counts = _sums_and_counts(x, assignments, means.shape[1])
     return {"assignments": assignments, "sums": sums, "counts": counts, "windows": _top_w(scores, W, impl)}
 
 
@@ -464,7 +386,7 @@ def top_w_reference(scores, window_size):
 
 
 # ------------------------------------------------------------------------- updates
-def update_state(state, stats, *, update="ema", decay=0.999, eps=1e-5, norm="ln"):
+def update_state(state, stats, *, centroid_update="ema", ema_decay=0.999, laplace_eps=1e-5, norm="ln"):
     """Move the centroids towards the points they received; returns a new state.
 
     Parameters
@@ -473,20 +395,21 @@ def update_state(state, stats, *, update="ema", decay=0.999, eps=1e-5, norm="ln"
         ``means`` (H, K, D), ``counts`` (H, K), ``sums`` (H, K, D); not modified.
     stats : dict
         From :func:`cluster_stats`: ``sums`` (S, H, K, D), ``counts`` (S, H, K).
-    update : {"ema", "spherical", "paper"}
+    centroid_update : {"ema", "spherical", "paper"}
         ``"ema"`` (default, official, VQ-VAE style): per stream, in order
         (queries first, then keys),
-        ``n <- decay n + (1 - decay) N``, ``s <- decay s + (1 - decay) S``;
+        ``n <- ema_decay n + (1 - ema_decay) N``,
+        ``s <- ema_decay s + (1 - ema_decay) S``;
         then ``mean = s / n~`` with the Laplace-smoothed count
-        ``n~_c = (n_c + eps) / (sum(n) + K eps) * sum(n)``.  The stored counts
+        ``n~_c = (n_c + laplace_eps) / (sum(n) + K laplace_eps) * sum(n)``.  The stored counts
         stay unsmoothed.  ``"spherical"`` (PyTorch port): streams pooled, target
-        ``normalize(sum)``, ``mean <- decay mean + (1 - decay) target``, empty
+        ``normalize(sum)``, ``mean <- ema_decay mean + (1 - ema_decay) target``, empty
         clusters keep their mean.  ``"paper"``: the paper's mean-free formula
-        ``mean <- decay mean + (1 - decay) / S * sum over streams of S``.
+        ``mean <- ema_decay mean + (1 - ema_decay) / S * sum over streams of S``.
         ``"spherical"`` and ``"paper"`` leave ``counts`` and ``sums`` as they are.
-    decay : float
+    ema_decay : float
         lambda, the EMA decay, in [0, 1).
-    eps : float
+    laplace_eps : float
         Laplace smoothing of the counts (``"ema"`` only), > 0.
     norm : {"ln", "l2"}
         Normalisation of the ``"spherical"`` target.
@@ -498,18 +421,16 @@ def update_state(state, stats, *, update="ema", decay=0.999, eps=1e-5, norm="ln"
 
     Notes
     -----
-    SPEC.md section 1 item 6; paper section 4.1 (the mean-free form).
+    docs/algorithm.md#16-centroid-update; paper section 4.1 (the mean-free form).
     Under ``"ema"`` a cluster that has never received a point has a smoothed
-    count near ``eps``, so its mean ``s / n~`` becomes very large: this is the
+    count near ``laplace_eps``, so its mean ``s / n~`` becomes very large: this is the
     official behaviour, and it is what pulls points into empty clusters.
     """
-    _choice("update", update, UPDATES)
-    _choice("norm", norm, NORMS)
+    _checks.choice("centroid_update", centroid_update, UPDATES)
+    _checks.choice("norm", norm, NORMS)
     H, K, D = check_state(state)
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-    if not isinstance(eps, numbers.Real) or not 0 < eps < float("inf"):  # inf would make every mean NaN
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    ema_decay = _checks.real("ema_decay", ema_decay, low=0.0, high=1.0, high_open=True)
+    laplace_eps = _checks.real("laplace_eps", laplace_eps, low=0.0, low_open=True)  # finite: inf makes means NaN
     if not isinstance(stats, dict) or "sums" not in stats or "counts" not in stats:
         raise ValueError("stats must be the dict returned by cluster_stats (keys sums, counts)")
     sums, counts = stats["sums"], stats["counts"]
@@ -526,27 +447,28 @@ def update_state(state, stats, *, update="ema", decay=0.999, eps=1e-5, norm="ln"
         raise ValueError(f"stats['counts'] must not be negative, got minimum {counts.min()}")
     means = state["means"]
     dt = means.dtype
-    if update == "ema":
+    if centroid_update == "ema":
         n, s = state["counts"], state["sums"]
         for stream in range(sums.shape[0]):  # queries, then keys
-            n = decay * n + (1 - decay) * counts[stream].astype(dt)  # (H, K)
-            s = decay * s + (1 - decay) * sums[stream].astype(dt)  # (H, K, D)
+            n = ema_decay * n + (1 - ema_decay) * counts[stream].astype(dt)  # (H, K)
+            s = ema_decay * s + (1 - ema_decay) * sums[stream].astype(dt)  # (H, K, D)
         total = n.sum(axis=-1, keepdims=True)  # (H, 1)
-        smoothed = (n + eps) / (total + K * eps) * total  # (H, K), only to divide by
+        smoothed = (n + laplace_eps) / (total + K * laplace_eps) * total  # (H, K), only to divide by
         seen = total[..., None] > 0  # (H, 1, 1): a head that has received no point at all keeps its means
         new_means = xp.where(seen, s / xp.where(seen, smoothed[..., None], 1), means)  # (H, K, D)
         return {"means": new_means.astype(dt), "counts": n.astype(dt), "sums": s.astype(dt)}
-    if update == "spherical":
+    if centroid_update == "spherical":
         pooled = sums.sum(axis=0)  # (S, H, K, D) -> (H, K, D)
         received = counts.sum(axis=0)[..., None] > 0  # (H, K, 1)
         target = normalize(pooled, norm)
-        new_means = xp.where(received, decay * means + (1 - decay) * target, means)
+        new_means = xp.where(received, ema_decay * means + (1 - ema_decay) * target, means)
     else:  # "paper"
-        new_means = decay * means + (1 - decay) / sums.shape[0] * sums.sum(axis=0)
+        new_means = ema_decay * means + (1 - ema_decay) / sums.shape[0] * sums.sum(axis=0)
     return {"means": new_means.astype(dt), "counts": state["counts"].copy(), "sums": state["sums"].copy()}
 
 
-def kmeans_step(state, points, *, update="ema", decay=0.999, eps=1e-5, norm="ln", impl="auto"):
+def kmeans_step(state, points, *, centroid_update="ema", ema_decay=0.999, laplace_eps=1e-5, norm="ln",
+                impl="auto"):
     """One online k-means step: statistics of ``points``, then :func:`update_state`.
 
     ``points`` are normalised, one array (B, H, T, D) or a list of streams.
@@ -554,11 +476,13 @@ def kmeans_step(state, points, *, update="ema", decay=0.999, eps=1e-5, norm="ln"
     """
     check_state(state)
     stats = cluster_stats(points, state["means"], impl=impl)
-    return update_state(state, stats, update=update, decay=decay, eps=eps, norm=norm), stats
+    new_state = update_state(state, stats, centroid_update=centroid_update, ema_decay=ema_decay,
+                             laplace_eps=laplace_eps, norm=norm)
+    return new_state, stats
 
 
 # ------------------------------------------------------------------ commitment loss
-def commitment_loss(points, means, *, commitment=1e-4, combine="sum"):
+def commitment_loss(points, means, *, commitment=1e-4, commitment_qk="sum", assignments=None):
     """beta times the mean squared distance of each point to its nearest centroid.
 
     Parameters
@@ -569,10 +493,14 @@ def commitment_loss(points, means, *, commitment=1e-4, combine="sum"):
         Centroids; used through a stop-gradient, so they get no gradient.
     commitment : float
         beta, 1e-4 by default.
-    combine : {"sum", "mean"}
+    commitment_qk : {"sum", "mean"}
         How streams add up.  ``"sum"`` (official): ``e_q + e_k``; with shared QK
         the official code passes the queries twice, i.e. ``2 e_q``.
         ``"mean"`` (PyTorch port): one mean over all streams, ``(e_q + e_k) / 2``.
+    assignments : int array (S, B, H, T), optional
+        Each stream's nearest centroids, when the caller has them already (routing
+        attention reads them from the routing scores); computed with
+        :func:`nearest` otherwise.
 
     Returns
     -------
@@ -581,22 +509,25 @@ def commitment_loss(points, means, *, commitment=1e-4, combine="sum"):
 
     Notes
     -----
-    SPEC.md section 1 item 8: the mean is over N * D numbers, not a mean of
-    squared norms (which would be D times larger).
+    docs/algorithm.md#18-commitment-loss: the mean is over N * D numbers, not a
+    mean of squared norms (which would be D times larger).  A stream that is the
+    same array as the one before it (shared QK passed twice) reuses its error.
     """
-    _choice("combine", combine, COMBINES)
-    if isinstance(commitment, bool) or not isinstance(commitment, numbers.Real) or not 0 <= commitment < np.inf:
-        raise ValueError(f"commitment must be a non-negative number, got {commitment!r}")
-    mu = _check_means(getval(means))  # stop-gradient: no gradient reaches the centroids
-    streams = _check_points(points, mu)
-    H = mu.shape[0]
-    heads = backend.get_array_module(mu).arange(H)[None, :, None]  # (1, H, 1)
+    _checks.choice("commitment_qk", commitment_qk, COMMITMENT_QK)
+    commitment = _checks.real("commitment", commitment, low=0.0)
+    mu = _checks.means(getval(means))  # stop-gradient: no gradient reaches the centroids
+    streams = _checks.points(points, mu)
+    if assignments is None:
+        assignments = [nearest(getval(x), mu) for x in streams]  # S x (B, H, T)
+    heads = backend.get_array_module(mu).arange(mu.shape[0])[None, :, None]  # (1, H, 1)
     errors = []
-    for x in streams:
-        a = nearest(getval(x), mu, impl="ref")  # (B, H, T)
-        target = mu[heads, a]  # (H, K, D) gathered -> (B, H, T, D)
+    for i, (x, a) in enumerate(zip(streams, assignments)):
+        if i and x is streams[i - 1]:
+            errors.append(errors[-1])
+            continue
+        target = mu[heads, a]  # (H, K, D) gathered -> (B, H, T, D), a constant
         errors.append(ops.mean(ops.square(ops.subtract(x, target))))
     total = errors[0]
     for e in errors[1:]:
         total = ops.add(total, e)
-    return ops.scale(total, commitment / (len(errors) if combine == "mean" else 1))
+    return ops.scale(total, commitment / (len(errors) if commitment_qk == "mean" else 1))

@@ -9,7 +9,7 @@
 * :func:`forward` / :func:`loss` - built only from :mod:`rt_numpy.ops`
   primitives, so autograd differentiates them and they run on CuPy arrays.
 
-Architecture (SPEC.md section 4; paper section 4.2): token embedding plus
+Architecture (docs/algorithm.md#4-layers-and-heads; paper section 4.2): token embedding plus
 learned absolute position embedding (or rotary), ``n_layers`` pre-LN residual
 blocks (attention, then a GELU feed-forward), a final layer norm and the output
 projection, tied to the token embedding by default.  The attention of the last
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import numpy as np
 from autograd.tracer import getval
 
-from rt_numpy import attention, backend, kmeans, ops
+from rt_numpy import _checks, attention, backend, kmeans, ops
 
 POS_ENCODINGS = ("learned", "rotary")
 
@@ -34,15 +33,15 @@ POS_ENCODINGS = ("learned", "rotary")
 class Config:
     """Sizes and options of the language model.  Validated on construction.
 
-    Letters: V vocab_size, T seq_len, C width, H n_heads, K num_clusters,
-    W window_size, L block_size (SPEC.md alphabet).
+    Letters: V vocab_size, T seq_len, C width, H num_heads, K num_clusters,
+    W window_size, L block_size (docs/algorithm.md#alphabet).
     """
 
     vocab_size: int = 256
     seq_len: int = 256  # T, the training context
     width: int = 128  # C
     n_layers: int = 2
-    n_heads: int = 4  # H; head dim D = C / H
+    num_heads: int = 4  # H; head dim D = C / H
     n_route_heads: int = 2  # routing heads in each routing layer; the rest are local
     n_route_layers: int = 1  # routing only in the last n_route_layers layers
     num_clusters: int = 4  # K
@@ -54,29 +53,29 @@ class Config:
     pos_encoding: str = "learned"  # or "rotary"
     tie_embeddings: bool = True
     dropout: float = 0.0
-    # routing options (SPEC.md section 1), official defaults
+    # routing options (docs/algorithm.md#1-one-routing-head), official defaults
     norm: str = "ln"
     logits: str = "normalized"
     membership: str = "balanced"
     self_attend: str = "allow"
     combine_eps: float = 1e-2
     commitment: float = 1e-4
-    combine: str = "sum"
+    commitment_qk: str = "sum"
     ema_decay: float = 0.999
-    kmeans_update: str = "ema"
+    centroid_update: str = "ema"
     dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("vocab_size", "seq_len", "width", "n_layers", "n_heads", "num_clusters", "window_size",
+        for name in ("vocab_size", "seq_len", "width", "n_layers", "num_heads", "num_clusters", "window_size",
                      "block_size", "ff_mult"):
-            _int_at_least(name, getattr(self, name), 1)
-        _int_at_least("look_back", self.look_back, 0)
-        _int_at_least("n_route_heads", self.n_route_heads, 0)
-        _int_at_least("n_route_layers", self.n_route_layers, 0)
-        if self.width % self.n_heads:
-            raise ValueError(f"width must be a multiple of n_heads={self.n_heads}, got {self.width}")
-        if self.n_route_heads > self.n_heads:
-            raise ValueError(f"n_route_heads must be <= n_heads={self.n_heads}, got {self.n_route_heads}")
+            _checks.integer(name, getattr(self, name), 1)
+        _checks.integer("look_back", self.look_back, 0)
+        _checks.integer("n_route_heads", self.n_route_heads, 0)
+        _checks.integer("n_route_layers", self.n_route_layers, 0)
+        if self.width % self.num_heads:
+            raise ValueError(f"width must be a multiple of num_heads={self.num_heads}, got {self.width}")
+        if self.n_route_heads > self.num_heads:
+            raise ValueError(f"n_route_heads must be <= num_heads={self.num_heads}, got {self.n_route_heads}")
         if self.n_route_layers > self.n_layers:
             raise ValueError(f"n_route_layers must be <= n_layers={self.n_layers}, got {self.n_route_layers}")
         if self.seq_len % self.block_size:
@@ -85,30 +84,26 @@ class Config:
             raise ValueError(f"window_size must be <= seq_len={self.seq_len}, got {self.window_size}")
         choices = {"pos_encoding": POS_ENCODINGS, "norm": kmeans.NORMS, "logits": attention.LOGITS,
                    "membership": attention.MEMBERSHIP, "self_attend": attention.SELF_ATTEND,
-                   "combine": kmeans.COMBINES, "kmeans_update": kmeans.UPDATES, "dtype": ("float32", "float64")}
+                   "commitment_qk": kmeans.COMMITMENT_QK, "centroid_update": kmeans.UPDATES,
+                   "dtype": ("float32", "float64")}
         for name, options in choices.items():
-            value = getattr(self, name)
-            if not isinstance(value, str) or value not in options:
-                raise ValueError(f"{name} must be one of {options}, got {value!r}")
+            _checks.choice(name, getattr(self, name), options)
         if self.pos_encoding == "rotary" and self.head_dim % 2:
-            raise ValueError(f"pos_encoding='rotary' needs an even head dim, got width/n_heads = "
-                             f"{self.width}/{self.n_heads} = {self.head_dim}")
+            raise ValueError(f"pos_encoding='rotary' needs an even head dim, got width/num_heads = "
+                             f"{self.width}/{self.num_heads} = {self.head_dim}")
         for name in ("shared_qk", "tie_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _real_in("dropout", self.dropout, 0.0, 1.0, closed_high=False)
-        _real_in("ema_decay", self.ema_decay, 0.0, 1.0, closed_high=False)
-        _real_in("commitment", self.commitment, 0.0, math.inf, closed_high=False)  # attention refuses inf
-        if isinstance(self.combine_eps, bool) or not isinstance(self.combine_eps, numbers.Real) \
-                or not 0 < self.combine_eps < math.inf:
-            raise ValueError(f"combine_eps must be a positive finite number, got {self.combine_eps!r}")
+            _checks.boolean(name, getattr(self, name))
+        _checks.real("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        _checks.real("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        _checks.real("commitment", self.commitment, 0.0)
+        _checks.real("combine_eps", self.combine_eps, 0.0, low_open=True)
 
     @property
     def head_dim(self):
-        return self.width // self.n_heads
+        return self.width // self.num_heads
 
     def is_routing_layer(self, layer):
-        """Routing happens only in the last ``n_route_layers`` layers (SPEC.md section 4)."""
+        """Routing happens only in the last ``n_route_layers`` layers (docs/algorithm.md#4-layers-and-heads)."""
         return self.n_route_heads > 0 and layer >= self.n_layers - self.n_route_layers
 
     def to_dict(self):
@@ -121,20 +116,6 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         return cls(**values)
-
-
-def _int_at_least(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _real_in(name, value, low, high, closed_high=True):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and low <= value and (
-        value <= high if closed_high else value < high)
-    if not ok:
-        raise ValueError(f"{name} must be a number in [{low}, {high}{']' if closed_high else ')'}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -170,8 +151,7 @@ def init_params(cfg, rng):
 
     Returns a dict ``name -> array`` of ``cfg.dtype`` (names: :func:`param_shapes`).
     """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {rng!r}")
+    _checks.generator("rng", rng)
     params = {}
     for name, shape in param_shapes(cfg).items():
         if name.endswith(".g"):
@@ -197,8 +177,8 @@ def init_kmeans(cfg, rng):
 
 def update_kmeans(cfg, states, stats):
     """Apply each routing layer's centroid update after a training step; returns new states."""
-    return {name: kmeans.update_state(state, stats[name], update=cfg.kmeans_update, decay=cfg.ema_decay,
-                                      norm=cfg.norm)
+    return {name: kmeans.update_state(state, stats[name], centroid_update=cfg.centroid_update,
+                                      ema_decay=cfg.ema_decay, norm=cfg.norm)
             for name, state in states.items()}
 
 
@@ -236,7 +216,8 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto"):
         From :func:`init_kmeans`; only the centroids are read.
     rng : numpy.random.Generator, optional
         Dropout randomness; None = evaluation (no dropout).
-    impl : {"auto", "ref", "numba"}
+    impl : {"auto", "ref", "numba", "cupy"}
+        Runs for the whole call, forward and backward (docs/design.md#choosing-an-implementation).
 
     Returns
     -------
@@ -262,47 +243,81 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto"):
     if missing:
         raise ValueError(f"kmeans_states has no state for routing layers {missing}: "
                          f"create it with init_kmeans(cfg, rng)")
-    C, H, D = cfg.width, cfg.n_heads, cfg.head_dim
+    C, D = cfg.width, cfg.head_dim
     xp = backend.get_array_module(getval(params["wte"]))
-    x = ops.reshape(ops.gather_rows(params["wte"], xp.reshape(xp.asarray(ids_v), (-1,))), (B, T, C))  # (B, T, C)
-    rotary = None
-    if cfg.pos_encoding == "learned":
-        x = ops.add(x, ops.slice_axis(params["wpe"], 0, T, axis=0))  # (B, T, C) + (T, C)
-    else:
-        rotary = rotary_tables(T, D, xp, np.dtype(cfg.dtype))
-    x = _dropout(x, cfg.dropout, rng)
-    commitment, stats = 0.0, {}
-    for i in range(cfg.n_layers):
-        p = f"h{i}."
-        routing = cfg.is_routing_layer(i)
-        h = ops.layer_norm(x, params[p + "ln1.g"], params[p + "ln1.b"])
-        weights = {w: params[p + "attn." + w] for w in ("w_q", "w_k", "w_v", "w_o") if p + "attn." + w in params}
-        y, layer_loss, layer_stats = attention.multihead_attention(
-            h, weights, kmeans_states[f"h{i}"]["means"] if routing else None, num_heads=H,
-            n_route_heads=cfg.n_route_heads if routing else 0, window_size=min(cfg.window_size, T),
-            block_size=cfg.block_size, look_back=cfg.look_back, shared_qk=cfg.shared_qk,
-            self_attend=cfg.self_attend, rotary=rotary, impl=impl, norm=cfg.norm, logits=cfg.logits,
-            membership=cfg.membership, eps=cfg.combine_eps, commitment=cfg.commitment, combine=cfg.combine)
-        x = ops.add(x, _dropout(y, cfg.dropout, rng))
-        if routing:
-            commitment = ops.add(commitment, layer_loss)
-            stats[f"h{i}"] = layer_stats
-        h = ops.layer_norm(x, params[p + "ln2.g"], params[p + "ln2.b"])
-        h = ops.gelu(ops.add(ops.matmul(h, params[p + "mlp.w_in"]), params[p + "mlp.b_in"]))  # (B, T, F)
-        h = ops.add(ops.matmul(h, params[p + "mlp.w_out"]), params[p + "mlp.b_out"])  # (B, T, C)
-        x = ops.add(x, _dropout(h, cfg.dropout, rng))
-    x = ops.layer_norm(x, params["ln_f.g"], params["ln_f.b"])
-    head = ops.transpose(params["wte"], (1, 0)) if cfg.tie_embeddings else params["lm_head"]  # (C, V)
-    logits = ops.matmul(x, head)  # (B, T, C) @ (C, V) -> (B, T, V)
+    with backend.use_impl(impl, xp):  # every primitive below, forward and backward
+        x = ops.reshape(ops.gather_rows(params["wte"], xp.reshape(xp.asarray(ids_v), (-1,))), (B, T, C))  # (B, T, C)
+        rotary = None
+        if cfg.pos_encoding == "learned":
+            x = ops.add(x, ops.slice_axis(params["wpe"], 0, T, axis=0))  # (B, T, C) + (T, C)
+        else:
+            rotary = rotary_tables(T, D, xp, np.dtype(cfg.dtype))
+        x = _dropout(x, cfg.dropout, rng)
+        commitment, stats = 0.0, {}
+        for i in range(cfg.n_layers):
+            means = kmeans_states[f"h{i}"]["means"] if cfg.is_routing_layer(i) else None
+            x, layer_loss, layer_stats = block(x, params, i, cfg, means, rotary=rotary, rng=rng)
+            if layer_stats is not None:
+                commitment = ops.add(commitment, layer_loss)
+                stats[f"h{i}"] = layer_stats
+        x = ops.layer_norm(x, params["ln_f.g"], params["ln_f.b"])
+        head = ops.transpose(params["wte"], (1, 0)) if cfg.tie_embeddings else params["lm_head"]  # (C, V)
+        logits = ops.matmul(x, head)  # (B, T, C) @ (C, V) -> (B, T, V)
     return logits, {"commitment": commitment, "stats": stats}
 
 
+def block(x, params, i, cfg, means, *, rotary=None, rng=None):
+    """Transformer block ``i``, pre-LN: ``x + attention(LN(x))``, then ``x + MLP(LN(x))``.
+
+    Parameters
+    ----------
+    x : array (B, T, C)
+    params : dict
+        All parameters; the block reads those named ``h{i}.*``.
+    i : int
+        The layer index.
+    cfg : Config
+    means : array (n_route_heads, K, D) or None
+        The layer's centroids; None in a local-only layer.
+    rotary : tuple (cos, sin) of arrays (T, D), optional
+    rng : numpy.random.Generator, optional
+        Dropout randomness; None = no dropout.
+
+    Returns
+    -------
+    x : array (B, T, C)
+    loss : scalar
+        The layer's commitment loss (0.0 in a local-only layer).
+    stats : dict or None
+        The layer's k-means statistics (None in a local-only layer).
+
+    Notes
+    -----
+    docs/algorithm.md#4-layers-and-heads.  The MLP is ``GELU(h W_in + b_in) W_out + b_out``
+    with hidden width ``ff_mult * C``.
+    """
+    p = f"h{i}."
+    T = getval(x).shape[1]
+    h = ops.layer_norm(x, params[p + "ln1.g"], params[p + "ln1.b"])
+    weights = {w: params[p + "attn." + w] for w in ("w_q", "w_k", "w_v", "w_o") if p + "attn." + w in params}
+    y, loss, stats = attention.multihead_attention(
+        h, weights, means, num_heads=cfg.num_heads, n_route_heads=cfg.n_route_heads if means is not None else 0,
+        window_size=min(cfg.window_size, T), block_size=cfg.block_size, look_back=cfg.look_back,
+        shared_qk=cfg.shared_qk, self_attend=cfg.self_attend, rotary=rotary, norm=cfg.norm, logits=cfg.logits,
+        membership=cfg.membership, combine_eps=cfg.combine_eps, commitment=cfg.commitment,
+        commitment_qk=cfg.commitment_qk)
+    x = ops.add(x, _dropout(y, cfg.dropout, rng))
+    h = ops.layer_norm(x, params[p + "ln2.g"], params[p + "ln2.b"])
+    h = ops.gelu(ops.add(ops.matmul(h, params[p + "mlp.w_in"]), params[p + "mlp.b_in"]))  # (B, T, C) -> (B, T, F)
+    h = ops.add(ops.matmul(h, params[p + "mlp.w_out"]), params[p + "mlp.b_out"])  # (B, T, F) -> (B, T, C)
+    return ops.add(x, _dropout(h, cfg.dropout, rng)), loss, stats
 def loss(params, ids, targets, cfg, kmeans_states, *, rng=None, impl="auto"):
     """Mean next-byte cross-entropy (nats) plus the commitment losses.
 
     Returns ``(total, aux)``; ``aux`` adds ``cross_entropy`` to :func:`forward`'s aux.
     """
     logits, aux = forward(params, ids, cfg, kmeans_states, rng=rng, impl=impl)
-    ce = ops.cross_entropy(logits, targets)
+    with backend.use_impl(impl, backend.get_array_module(getval(logits))):
+        ce = ops.cross_entropy(logits, targets)
     aux["cross_entropy"] = ce
     return ops.add(ce, aux["commitment"]), aux

@@ -10,7 +10,7 @@ Two rules make these primitives work on NumPy *and* CuPy arrays, to any order:
 
 1. **Array-module generic.**  Forward passes call only ``xp = get_array_module(x)``
    functions, never ``numpy`` and never ``autograd.numpy`` (whose built-in VJPs
-   create NumPy arrays and so fail on CuPy values; DESIGN.md, "Differentiation").
+   create NumPy arrays and so fail on CuPy values; docs/design.md#differentiation).
 2. **VJPs are built from primitives.**  Inside a VJP, anything that depends on
    a differentiable value (``g``, the inputs, the output ``ans``) is computed
    with the primitives of this module, so autograd can differentiate the VJP
@@ -28,7 +28,7 @@ A few functions are compositions of primitives rather than primitives
 (``mean``, ``layer_norm``, ``l2_normalize``, ``concatenate``); their gradients
 come from the primitives they call.  ``stop_gradient`` cuts the graph.
 
-Letters in shapes follow SPEC.md: B batch, T sequence, C width, H heads,
+Letters in shapes follow docs/algorithm.md#alphabet: B batch, T sequence, C width, H heads,
 D head dim, V vocabulary, M gathered rows.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ import math
 from autograd.extend import defvjp, defvjp_argnum, primitive
 from autograd.tracer import getval, isbox
 
-from .backend import get_array_module, numba_kernel_applies
+from . import backend
+from .backend import get_array_module, kernel_impl
 
 __all__ = [
     "add", "subtract", "multiply", "divide", "scale", "unbroadcast",
@@ -66,6 +67,26 @@ def _const(c, like):
     """
     dtype = getattr(like, "dtype", None)
     return dtype.type(c) if dtype is not None and dtype.kind == "f" else c
+
+
+def _defvjp_keeping_impl(fun, vjpmaker):
+    """``defvjp(fun, vjpmaker)``, the VJP running under the implementation of its forward pass.
+
+    autograd calls a VJP maker during the forward pass but the VJP itself
+    later, after the public function that chose ``impl`` has returned.  The
+    VJPs that call a primitive with a kernel (gelu's, layer norm's, gather's)
+    are registered this way, so ``impl="ref"`` reaches the backward pass too
+    (docs/design.md#choosing-an-implementation).
+    """
+    def maker(ans, *args, **kwargs):
+        impl, vjp = backend.active_impl(get_array_module(ans)), vjpmaker(ans, *args, **kwargs)
+
+        def vjp_in_impl(g):
+            with backend.use_impl(impl, get_array_module(ans)):
+                return vjp(g)
+        return vjp_in_impl
+
+    defvjp(fun, maker)
 
 
 # --------------------------------------------------------------------------
@@ -264,16 +285,6 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
 
 
-def _gelu_kernels(x):
-    """:mod:`rt_numpy.kernels.numba_elementwise` when it should run on ``x``
-    (:func:`rt_numpy.backend.numba_kernel_applies`), else None."""
-    if not numba_kernel_applies(x):
-        return None
-    from rt_numpy.kernels import numba_elementwise
-
-    return numba_elementwise
-
-
 @primitive
 def gelu(x):
     """GELU, the tanh approximation used by GPT-2 and BERT.
@@ -283,18 +294,19 @@ def gelu(x):
 
     Notes
     -----
-    SPEC.md §4 (feed-forward).  The VJP is ``g * gelu_derivative(x)``.  On
+    docs/algorithm.md#4-layers-and-heads (feed-forward).  The VJP is ``g * gelu_derivative(x)``.  On
     NumPy arrays with Numba, one fused pass
     (:mod:`rt_numpy.kernels.numba_elementwise`) replaces the formula below.
     """
-    kernels = _gelu_kernels(x)
-    if kernels is not None:
-        return kernels.gelu(x)
-    xp = get_array_module(x)
-    return 0.5 * x * (1.0 + xp.tanh(_GELU_C * (x + _GELU_A * x * x * x)))
+    if kernel_impl(x) != "numba":
+        xp = get_array_module(x)
+        return 0.5 * x * (1.0 + xp.tanh(_GELU_C * (x + _GELU_A * x * x * x)))
+    from rt_numpy.kernels import numba_elementwise
+
+    return numba_elementwise.gelu(x)
 
 
-defvjp(gelu, lambda ans, x: lambda g: multiply(g, gelu_derivative(x)))
+_defvjp_keeping_impl(gelu, lambda ans, x: lambda g: multiply(g, gelu_derivative(x)))
 
 
 @primitive
@@ -308,13 +320,14 @@ def gelu_derivative(x):
     ``u' = c (1 + 3 a x²)`` and ``u'' = 6 a c x``, written with primitives so
     that every higher derivative works too.
     """
-    kernels = _gelu_kernels(x)
-    if kernels is not None:
-        return kernels.gelu_derivative(x)
-    xp = get_array_module(x)
-    x2 = x * x
-    t = xp.tanh(_GELU_C * (x + _GELU_A * x * x2))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (_GELU_C * (1.0 + 3.0 * _GELU_A * x2))
+    if kernel_impl(x) != "numba":
+        xp = get_array_module(x)
+        x2 = x * x
+        t = xp.tanh(_GELU_C * (x + _GELU_A * x * x2))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * (_GELU_C * (1.0 + 3.0 * _GELU_A * x2))
+    from rt_numpy.kernels import numba_elementwise
+
+    return numba_elementwise.gelu_derivative(x)
 
 
 def _gelu_derivative_vjp(ans, x):
@@ -532,7 +545,7 @@ def softmax(logits, mask=None, axis=-1):
     -------
     array, same shape as ``logits``
         Rows sum to 1; a row with no visible entry is all zeros (not NaN) and
-        passes no gradient (SPEC.md §1.1 step 4: such a query outputs 0).
+        passes no gradient (docs/algorithm.md#14-attention-inside-a-cluster: such a query outputs 0).
 
     Notes
     -----
@@ -573,7 +586,7 @@ def masked_fill(x, mask, value):
     x : array, shape (*S)
     mask : bool array broadcastable to ``S``
     value : float
-        E.g. ``-5e4`` for the "last resort" self logit of SPEC.md §1.1 step 4.
+        E.g. ``-5e4`` for the "last resort" self logit of docs/algorithm.md#14-attention-inside-a-cluster.
 
     Returns
     -------
@@ -654,7 +667,7 @@ def layer_norm_free(x, eps=1e-5):
     x : array, shape (..., D)
     eps : float
         Added to the population variance (divide by D, not D - 1).  The model's
-        layer norms use 1e-5; routing normalisation uses 1e-6 (SPEC.md §1.1).
+        layer norms use 1e-5; routing normalisation uses 1e-6 (docs/algorithm.md#11-normalise).
 
     Returns
     -------
@@ -669,33 +682,33 @@ def layer_norm_free(x, eps=1e-5):
     the value, and the gradient when it is not itself being differentiated,
     one row at a time.
     """
-    if numba_kernel_applies(x):  # one pass per row instead of four over the array
-        from rt_numpy.kernels import numba_norm
+    if kernel_impl(x) != "numba":
+        xp = get_array_module(x)
+        xc = x - xp.mean(x, axis=-1, keepdims=True)  # a new array, divided in place below
+        var = xp.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1), population variance
+        xc /= xp.sqrt(var + eps)
+        return xc
+    from rt_numpy.kernels import numba_norm  # one pass per row instead of four over the array
 
-        return numba_norm.layer_norm(x, eps)
-    xp = get_array_module(x)
-    xc = x - xp.mean(x, axis=-1, keepdims=True)  # a new array, divided in place below
-    var = xp.mean(xc * xc, axis=-1, keepdims=True)  # (..., 1), population variance
-    xc /= xp.sqrt(var + eps)
-    return xc
+    return numba_norm.layer_norm(x, eps)
 
 
 def _layer_norm_free_vjp(ans, x, eps=1e-5):
     def vjp(g):
-        if not isbox(g) and not isbox(x) and numba_kernel_applies(x, ans, g):
-            # A first-order gradient (nothing traces it): one fused pass per row.
-            from rt_numpy.kernels import numba_norm
+        if isbox(g) or isbox(x) or kernel_impl(x, ans, g) != "numba":
+            # s recomputed with primitives so that the VJP depends on x differentiably.
+            xc = subtract(x, mean(x, -1, True))
+            s = sqrt(add(mean(square(xc), -1, True), eps))  # (..., 1)
+            gy = mean(multiply(g, ans), -1, True)  # (..., 1)
+            return divide(subtract(subtract(g, mean(g, -1, True)), multiply(ans, gy)), s)
+        # A first-order gradient (nothing traces it): one fused pass per row.
+        from rt_numpy.kernels import numba_norm
 
-            return numba_norm.layer_norm_grad(x, ans, g, eps)
-        # s recomputed with primitives so that the VJP depends on x differentiably.
-        xc = subtract(x, mean(x, -1, True))
-        s = sqrt(add(mean(square(xc), -1, True), eps))  # (..., 1)
-        gy = mean(multiply(g, ans), -1, True)  # (..., 1)
-        return divide(subtract(subtract(g, mean(g, -1, True)), multiply(ans, gy)), s)
+        return numba_norm.layer_norm_grad(x, ans, g, eps)
     return vjp
 
 
-defvjp(layer_norm_free, _layer_norm_free_vjp)
+_defvjp_keeping_impl(layer_norm_free, _layer_norm_free_vjp)
 
 
 def layer_norm(x, gamma=None, beta=None, eps=1e-5):
@@ -751,7 +764,7 @@ def l2_normalize(x, eps=1e-12):
 
     Notes
     -----
-    SPEC.md §1.1 step 1, ``norm="l2"``.  Composed of :func:`divide` and a
+    docs/algorithm.md#11-normalise, ``norm="l2"``.  Composed of :func:`divide` and a
     clamped-norm primitive; above ``eps`` the gradient is ``(g - y (g·y)) / ||x||``.
     """
     if not eps > 0:
@@ -828,22 +841,22 @@ def scatter_add_rows(y, idx, n):
     *lead, M, D = y.shape
     xp = get_array_module(y)
     rows = _flat_rows(idx, n, lead, "scatter_add_rows")
-    if xp.__name__ == "cupy":  # a sorted segment sum: same order as add.at, no atomics
+    out = xp.zeros((math.prod(lead) * n, D), dtype=y.dtype)  # (R, D)
+    run = kernel_impl(out)
+    if run == "ref":
+        xp.add.at(out, rows, xp.reshape(y, (-1, D)))  # unbuffered: repeated rows accumulate
+    elif run == "numba":  # the same additions in the same order as add.at, compiled
+        from rt_numpy.kernels import numba_scatter
+
+        numba_scatter.add_rows_at(out, rows, xp.ascontiguousarray(xp.reshape(y, (-1, D))))
+    else:  # "cupy": a sorted segment sum, the same order as add.at and no atomics
         from rt_numpy.kernels import cupy_ops
 
         out = cupy_ops.scatter_add_rows(xp.reshape(y, (-1, D)), rows, math.prod(lead) * n)  # (R, D)
-    else:
-        out = xp.zeros((math.prod(lead) * n, D), dtype=y.dtype)  # (R, D)
-        if numba_kernel_applies(out):  # the same additions in the same order as add.at, compiled
-            from rt_numpy.kernels import numba_scatter
-
-            numba_scatter.add_rows_at(out, rows, xp.ascontiguousarray(xp.reshape(y, (-1, D))))
-        else:
-            xp.add.at(out, rows, xp.reshape(y, (-1, D)))  # unbuffered: repeated rows accumulate
     return xp.reshape(out, tuple(lead) + (n, D))  # (R, D) -> (..., n, D)
 
 
-defvjp(gather_rows, lambda ans, x, idx: lambda g: scatter_add_rows(g, idx, x.shape[-2]))
+_defvjp_keeping_impl(gather_rows, lambda ans, x, idx: lambda g: scatter_add_rows(g, idx, x.shape[-2]))
 defvjp(scatter_add_rows, lambda ans, y, idx, n: lambda g: gather_rows(g, idx))
 
 
@@ -852,7 +865,7 @@ defvjp(scatter_add_rows, lambda ans, y, idx, n: lambda g: gather_rows(g, idx))
 def stop_gradient(x):
     """The raw value of ``x``: used downstream, it passes no gradient back.
 
-    E.g. the commitment loss ``(x̂ - stop_gradient(μ))²`` (SPEC.md §1.8).
+    E.g. the commitment loss ``(x̂ - stop_gradient(μ))²`` (docs/algorithm.md#18-commitment-loss).
     Unwraps every level of autograd boxing, so it also stops higher orders.
     """
     return getval(x)

@@ -21,42 +21,15 @@ caller may keep the previous params, e.g. to retry a step or compare runs.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
-from rt_numpy import backend
+from rt_numpy import _checks, backend
 
 GRAD_NORM_EPS = 1e-6  # added to the norm before dividing by it (as in PyTorch's clip_grad_norm_)
 
 
 # --------------------------------------------------------------------------- checks
-def _check_real(name, value, low=None, high=None, low_open=False, high_open=False, allow_inf=False):
-    """A real number in the given range, returned as a Python float.
-
-    Python floats keep an array's dtype under every NumPy promotion rule; a
-    NumPy float64 scalar would turn float32 parameters into float64 ones.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
-    return value
-
-
-def _check_int(name, value, low, what=""):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} of type {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}{what}, got {value}")
-    return int(value)
-
-
 def _check_same_keys(name, d, params):
     if not isinstance(d, dict):
         raise TypeError(f"{name} must be a dict name -> array, got {type(d).__name__}")
@@ -111,16 +84,6 @@ def default_decay_mask(params):
     dict of str -> bool
     """
     return {name: p.ndim >= 2 for name, p in params.items()}
-
-
-def _adamw_kernels(p, g, m, v):
-    """:mod:`rt_numpy.kernels.numba_optim` when it should run on this parameter
-    (:func:`rt_numpy.backend.numba_kernel_applies`), else None."""
-    if not backend.numba_kernel_applies(p, g, m, v):
-        return None
-    from rt_numpy.kernels import numba_optim
-
-    return numba_optim
 
 
 def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
@@ -179,17 +142,17 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weigh
     arrays with Numba, :mod:`rt_numpy.kernels.numba_optim` does the same
     operations in one pass per parameter, with bitwise the same results.
     """
-    lr = _check_real("lr", lr, low=0.0)
+    lr = _checks.real("lr", lr, low=0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    beta1 = _check_real("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    beta2 = _check_real("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    eps = _check_real("eps", eps, low=0.0, low_open=True)
-    weight_decay = _check_real("weight_decay", weight_decay, low=0.0)
+    beta1 = _checks.real("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    beta2 = _checks.real("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    eps = _checks.real("eps", eps, low=0.0, low_open=True)
+    weight_decay = _checks.real("weight_decay", weight_decay, low=0.0)
 
     if not isinstance(state, dict) or not {"step", "m", "v"} <= set(state):
         raise ValueError(f"state must be a dict with keys step, m, v (from adamw_init), got {state!r:.80}")
-    t = _check_int("state['step']", state["step"], 0) + 1
+    t = _checks.integer("state['step']", state["step"], 0) + 1
     _check_grads(grads)
     for name, d in (("grads", grads), ("state['m']", state["m"]), ("state['v']", state["v"])):
         _check_same_keys(name, d, params)
@@ -208,19 +171,20 @@ def adamw_update(params, grads, state, *, lr, betas=(0.9, 0.95), eps=1e-8, weigh
         if not bool(xp.isfinite(g).all()):
             raise ValueError(f"grads[{name!r}] contains NaN or infinity")
         g = g.astype(p.dtype, copy=False)
-        kernels = _adamw_kernels(p, g, state["m"][name], state["v"][name])
-        if kernels is not None:  # one fused pass, bitwise the same as the lines below
-            new_params[name], new_m[name], new_v[name] = kernels.adamw(
-                p, g, state["m"][name], state["v"][name], beta1=beta1, beta2=beta2, bias1=bias1, bias2=bias2,
-                eps=eps, lr=lr, weight_decay=weight_decay, decay=bool(decay_mask[name]))
+        if backend.kernel_impl(p, g, state["m"][name], state["v"][name]) != "numba":
+            m = beta1 * state["m"][name] + (1.0 - beta1) * g
+            v = beta2 * state["v"][name] + (1.0 - beta2) * (g * g)
+            step = (m / bias1) / (xp.sqrt(v / bias2) + eps)
+            if decay_mask[name]:
+                p = p * (1.0 - lr * weight_decay)  # decoupled: not part of the gradient, so not in m or v
+            new_params[name] = p - lr * step
+            new_m[name], new_v[name] = m, v
             continue
-        m = beta1 * state["m"][name] + (1.0 - beta1) * g
-        v = beta2 * state["v"][name] + (1.0 - beta2) * (g * g)
-        step = (m / bias1) / (xp.sqrt(v / bias2) + eps)
-        if decay_mask[name]:
-            p = p * (1.0 - lr * weight_decay)  # decoupled: not part of the gradient, so not in m or v
-        new_params[name] = p - lr * step
-        new_m[name], new_v[name] = m, v
+        from rt_numpy.kernels import numba_optim  # one fused pass, bitwise the same as the lines above
+
+        new_params[name], new_m[name], new_v[name] = numba_optim.adamw(
+            p, g, state["m"][name], state["v"][name], beta1=beta1, beta2=beta2, bias1=bias1, bias2=bias2,
+            eps=eps, lr=lr, weight_decay=weight_decay, decay=bool(decay_mask[name]))
     return new_params, {"step": t, "m": new_m, "v": new_v}
 
 
@@ -260,11 +224,11 @@ def lr_schedule(step, *, max_lr, warmup_steps, total_steps, min_lr=0.0):
     Warm-up for Adam-trained transformers: Vaswani et al., arXiv:1706.03762,
     section 5.3; cosine decay: Loshchilov & Hutter (SGDR), arXiv:1608.03983, eq. 5.
     """
-    step = _check_int("step", step, 0)
-    max_lr = _check_real("max_lr", max_lr, low=0.0)
-    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-    total_steps = _check_int("total_steps", total_steps, warmup_steps, what=" (warmup_steps)")
-    min_lr = _check_real("min_lr", min_lr, low=0.0, high=max_lr)
+    step = _checks.integer("step", step, 0)
+    max_lr = _checks.real("max_lr", max_lr, low=0.0)
+    warmup_steps = _checks.integer("warmup_steps", warmup_steps, 0)
+    total_steps = _checks.integer("total_steps", total_steps, warmup_steps, what=" (warmup_steps)")
+    min_lr = _checks.real("min_lr", min_lr, low=0.0, high=max_lr)
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
@@ -321,7 +285,7 @@ def clip_by_global_norm(grads, max_norm):
     direction of the update.
     """
     if max_norm is not None:
-        max_norm = _check_real("max_norm", max_norm, low=0.0, low_open=True, allow_inf=True)
+        max_norm = _checks.real("max_norm", max_norm, low=0.0, low_open=True, allow_inf=True)
     norm = global_norm(grads)
     if max_norm is None or math.isinf(max_norm):
         return dict(grads), norm

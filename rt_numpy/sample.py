@@ -18,7 +18,7 @@ block length L and T <= seq_len.  For a sequence of n tokens the window is:
   the real positions: the logits are those of an unpadded run, to rounding.
 * n >= L, balanced routing (the default): the last ``ctx`` tokens, ``ctx`` the
   largest multiple of L <= min(n, seq_len); no padding.  Balanced membership is
-  *not* causal (SPEC.md section 3): each cluster takes its W best tokens over
+  *not* causal (docs/algorithm.md#3-the-causal-leak): each cluster takes its W best tokens over
   the whole window, so padding tokens would compete for cluster places and
   change the routing output at earlier positions.  Dropping up to L - 1 of the
   oldest tokens instead keeps the window made of real tokens only, as in
@@ -33,8 +33,8 @@ learned positions, the window always starts at position 0, as training windows d
 
 No key/value cache
 ------------------
-Every new token recomputes the whole window, as the PyTorch port does (SPEC.md
-section 6).  With balanced routing a cache would be wrong, not just hard: when a
+Every new token recomputes the whole window, as the PyTorch port does
+(docs/algorithm.md#6-what-users-ran-into).  With balanced routing a cache would be wrong, not just hard: when a
 token is appended, every cluster re-picks its W members over the whole window,
 so the routing output at *earlier* positions changes and the keys and values of
 the following layers change with it; and once the window slides, every learned
@@ -43,7 +43,7 @@ cost here is a few hundred tokens per step: clarity wins.
 
 Centroids are read from ``kmeans_states`` and never updated while sampling; a
 model can sample before any training because :func:`rt_numpy.model.init_kmeans`
-initialises them (the PyTorch port fails there, SPEC.md section 6).
+initialises them (the PyTorch port fails there, docs/algorithm.md#6-what-users-ran-into).
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def check_kmeans_states(cfg, kmeans_states):
     """Every routing layer has finite centroids of shape (n_route_heads, K, D).
 
     Raises a ValueError naming the missing layer otherwise: sampling needs
-    initialised centroids (SPEC.md section 6).
+    initialised centroids (docs/algorithm.md#6-what-users-ran-into).
     """
     if not isinstance(kmeans_states, dict):
         raise TypeError(f"kmeans_states must be a dict from init_kmeans(cfg, rng), "
@@ -132,7 +132,7 @@ def check_kmeans_states(cfg, kmeans_states):
 
 
 def _is_strictly_causal(cfg):
-    """True when no output at a position depends on later tokens (SPEC.md section 3)."""
+    """True when no output at a position depends on later tokens (docs/algorithm.md#3-the-causal-leak)."""
     return cfg.membership == "nearest" or not routing_layers(cfg)
 
 
@@ -283,9 +283,9 @@ def generate(params, cfg, kmeans_states, prompt_ids, n_new, *, rng, temperature=
 
     Notes
     -----
-    SPEC.md sections 3 and 6.  Each step recomputes the whole window (no cache,
-    see the module docstring), so a step costs one forward pass of at most
-    ``seq_len`` tokens.
+    docs/algorithm.md#3-the-causal-leak, docs/algorithm.md#6-what-users-ran-into.  Each step
+    recomputes the whole window (no cache, see the module docstring), so a step
+    costs one forward pass of at most ``seq_len`` tokens.
     """
     if not isinstance(cfg, model.Config):
         raise TypeError(f"cfg must be an rt_numpy.model.Config, got {type(cfg).__name__}")

@@ -4,8 +4,8 @@ One training step (:func:`train_step`): a batch of random windows from the
 training split, the loss and its gradient by autograd (cross-entropy plus the
 routing layers' commitment losses), global-norm clipping, AdamW with warm-up and
 cosine decay, then the k-means update of every routing layer from the statistics
-of that same forward pass (SPEC.md section 1 item 6: centroids as they were at
-the start of the step, updated after it).
+of that same forward pass (docs/algorithm.md#16-centroid-update: centroids as they were
+at the start of the step, updated after it).
 
 Checkpoints are two files written atomically (a temporary file, then a rename):
 ``NAME.npz`` with every array (loaded with ``allow_pickle=False``) and
@@ -74,8 +74,8 @@ def train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, step, rng, imp
     """One optimisation step; returns ``(params, opt_state, kmeans_states, metrics)``.
 
     ``x``, ``y`` (B, T) int arrays: inputs and next-byte targets, copied to the
-    device of the parameters if needed.  ``rng`` drives dropout.  ``metrics`` holds ``loss``, ``cross_entropy``, ``commitment``,
-    ``grad_norm`` and ``lr`` as Python floats.
+    device of the parameters if needed.  ``rng`` drives dropout.  ``metrics`` holds
+    ``loss``, ``cross_entropy``, ``commitment``, ``grad_norm`` and ``lr`` as Python floats.
     """
     captured = {}
     xp = backend.get_array_module(params["wte"])
@@ -86,13 +86,14 @@ def train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, step, rng, imp
         captured.update(aux)
         return total
 
-    loss_value, grads = autograd.value_and_grad(objective)(params)
-    grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.grad_clip if tcfg.grad_clip > 0 else None)
-    warmup = min(tcfg.warmup_steps, tcfg.steps)  # a short run (e.g. --steps 20) shortens the warm-up too
-    lr = optim.lr_schedule(step, max_lr=tcfg.lr, warmup_steps=warmup, total_steps=tcfg.steps,
-                           min_lr=tcfg.min_lr)
-    params, opt_state = optim.adamw_update(params, grads, opt_state, lr=lr, weight_decay=tcfg.weight_decay)
-    kmeans_states = model.update_kmeans(cfg, kmeans_states, captured["stats"])
+    with backend.use_impl(impl, xp):  # the optimiser and the centroid update follow impl too
+        loss_value, grads = autograd.value_and_grad(objective)(params)
+        grads, grad_norm = optim.clip_by_global_norm(grads, tcfg.grad_clip if tcfg.grad_clip > 0 else None)
+        warmup = min(tcfg.warmup_steps, tcfg.steps)  # a short run (e.g. --steps 20) shortens the warm-up too
+        lr = optim.lr_schedule(step, max_lr=tcfg.lr, warmup_steps=warmup, total_steps=tcfg.steps,
+                               min_lr=tcfg.min_lr)
+        params, opt_state = optim.adamw_update(params, grads, opt_state, lr=lr, weight_decay=tcfg.weight_decay)
+        kmeans_states = model.update_kmeans(cfg, kmeans_states, captured["stats"])
     metrics = {"loss": float(getval(loss_value)), "cross_entropy": float(getval(captured["cross_entropy"])),
                "commitment": float(getval(captured["commitment"])), "grad_norm": float(grad_norm), "lr": float(lr)}
     return params, opt_state, kmeans_states, metrics
@@ -337,12 +338,12 @@ def plot_history(history, path):
 # --------------------------------------------------------------------------- presets
 PRESETS = {
     # CI-sized: trains in a few seconds.
-    "tiny": (model.Config(seq_len=64, width=32, n_layers=2, n_heads=4, n_route_heads=2, n_route_layers=1,
+    "tiny": (model.Config(seq_len=64, width=32, n_layers=2, num_heads=4, n_route_heads=2, n_route_layers=1,
                           num_clusters=2, window_size=32, block_size=32),
              TrainConfig(steps=30, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=0,
                          eval_batches=2)),
     # The README demo: a few minutes on a 2-core laptop.
-    "small": (model.Config(seq_len=256, width=128, n_layers=4, n_heads=4, n_route_heads=2, n_route_layers=2,
+    "small": (model.Config(seq_len=256, width=128, n_layers=4, num_heads=4, n_route_heads=2, n_route_layers=2,
                            num_clusters=4, window_size=64, block_size=64),
               TrainConfig(steps=1500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50, eval_every=250,
                           eval_batches=16, time_limit=540.0)),

@@ -1,13 +1,15 @@
 """Tests of rt_numpy.attention: dense, local and routing attention, and the multi-head layer.
 
-What is checked (SPEC.md sections 1-3, DESIGN.md "Tests"):
+What is checked (docs/algorithm.md#1-one-routing-head, docs/algorithm.md#2-local-attention,
+docs/algorithm.md#3-the-causal-leak; docs/design.md#tests):
 
 1. every attention against a plain-loop NumPy reference written here, one query row at a time;
 2. routing with K=1 and W=T is dense causal attention divided by (1 + eps), for every logit mode,
-   self rule and normalisation ("Testing the spec");
+   self rule and normalisation (docs/algorithm.md#110-checking-an-implementation);
 3. local attention with one block, or a look-back covering the sequence, is dense attention; with
    look_back=0 a block does not see the block before it;
-4. ``membership="nearest"`` is strictly causal (to rounding), ``membership="balanced"`` is not (section 3);
+4. ``membership="nearest"`` is strictly causal (to rounding), ``membership="balanced"`` is not
+   (docs/algorithm.md#3-the-causal-leak);
 5. rows with no visible key give 0, never NaN, and finite gradients;
 6. gradients equal finite differences; the centroids get no gradient;
 7. the returned k-means statistics and commitment loss are those of :mod:`rt_numpy.kmeans`;
@@ -83,7 +85,8 @@ def _naive_masked(q, k, v, visible, scale, self_attend="allow"):
 
 
 def _naive_routing(q, k, v, query_windows, key_windows, scale, self_attend, eps, mem_kv=None):
-    """SPEC 1.4-1.5 with loops: each cluster's queries attend to its keys at earlier positions."""
+    """docs/algorithm.md#14-attention-inside-a-cluster, docs/algorithm.md#15-combine with loops: each
+    cluster's queries attend to its keys at earlier positions."""
     B, H, T, D = q.shape
     out, counts = np.zeros_like(q), np.zeros((B, H, T))
     for b in range(B):
@@ -114,7 +117,8 @@ def _naive_nearest(q, k, v, aq, ak, scale, self_attend, eps, mem_kv=None):
 
 
 def _logit_vectors(q, k, logits, shared_qk, norm):
-    """The vectors and scale routing_attention builds its logits from (SPEC 1.4), recomputed here."""
+    """The vectors and scale routing_attention builds its logits from (docs/algorithm.md#14-attention-inside-a-cluster),
+    recomputed here."""
     D = q.shape[-1]
     if logits == "normalized":
         qn = kmeans.normalize(q, norm)
@@ -142,10 +146,12 @@ def test_dense_equals_loop_reference(self_attend):
 
 
 @pytest.mark.parametrize("self_attend", A.SELF_ATTEND)
-@pytest.mark.parametrize("block_size,look_back", [(4, 0), (4, 1), (4, 2), (3, 1), (2, 3), (1, 0)])
-def test_local_equals_band_mask_reference(block_size, look_back, self_attend):
-    q, k, v = _qkv(T=12, seed=2)
-    pos = np.arange(12)
+@pytest.mark.parametrize("T", [12, 13, 7])
+@pytest.mark.parametrize("block_size,look_back", [(4, 0), (4, 1), (4, 2), (3, 1), (2, 3), (1, 0), (5, 1)])
+def test_local_equals_band_mask_reference(block_size, look_back, self_attend, T):
+    """Any T: where block_size does not divide T the last block is short (docs/algorithm.md#2-local-attention)."""
+    q, k, v = _qkv(T=T, seed=2)
+    pos = np.arange(T)
     block = pos // block_size
     visible = (pos[None, :] <= pos[:, None]) & (block[None, :] >= block[:, None] - look_back)
     want = _naive_masked(q, k, v, visible, 0.5, self_attend)
@@ -162,7 +168,7 @@ def test_routing_equals_loop_reference(logits, shared_qk, self_attend, use_mem):
     means = _means(H, K, D)
     mem_kv = (_normal((H, K, D), 7), _normal((H, K, D), 8)) if use_mem else None
     out, _, _ = _route(q, k, v, means, window_size=W, shared_qk=shared_qk, logits=logits,
-                       self_attend=self_attend, eps=1e-2, mem_kv=mem_kv)
+                       self_attend=self_attend, combine_eps=1e-2, mem_kv=mem_kv)
     qn = kmeans.normalize(q)
     kn = qn if shared_qk else kmeans.normalize(k)
     qwin = kmeans.balanced_membership(qn, means, W, impl="ref")
@@ -183,9 +189,9 @@ def test_nearest_equals_loop_reference(logits, shared_qk, self_attend, use_mem):
     means = _means(H, K, D)
     mem_kv = (_normal((H, K, D), 7), _normal((H, K, D), 8)) if use_mem else None
     out, _, stats = _route(q, k, v, means, membership="nearest", shared_qk=shared_qk, logits=logits,
-                           self_attend=self_attend, eps=1e-5, mem_kv=mem_kv)
-    aq = kmeans.nearest(kmeans.normalize(q), means, impl="ref")
-    ak = aq if shared_qk else kmeans.nearest(kmeans.normalize(k), means, impl="ref")
+                           self_attend=self_attend, combine_eps=1e-5, mem_kv=mem_kv)
+    aq = kmeans.nearest(kmeans.normalize(q), means)
+    ak = aq if shared_qk else kmeans.nearest(kmeans.normalize(k), means)
     np.testing.assert_array_equal(stats["assignments"][0], aq)
     np.testing.assert_array_equal(stats["assignments"][-1], ak)
     assert len(np.unique(aq)) == K  # every cluster is used: a real routing case
@@ -219,13 +225,14 @@ def test_routing_loop_reference_over_shapes(T, K, data):
 @pytest.mark.parametrize("logits,shared_qk", LOGIT_MODES)
 @pytest.mark.parametrize("membership", A.MEMBERSHIP)
 def test_routing_one_cluster_whole_window_is_dense(logits, shared_qk, self_attend, norm, membership):
-    """SPEC "Testing the spec": every token is counted once, so routing * (1 + eps) == dense."""
+    """docs/algorithm.md#110-checking-an-implementation: every token is counted once, so
+    routing * (1 + eps) == dense."""
     B, H, T, D = 2, 2, 8, 4
     q, k, v = _qkv(B, H, T, D, seed=5)
     means = _means(H, 1, D, norm=norm)
     eps = 1e-2
     out, _, _ = _route(q, k, v, means, window_size=T, shared_qk=shared_qk, logits=logits, norm=norm,
-                       self_attend=self_attend, membership=membership, eps=eps)
+                       self_attend=self_attend, membership=membership, combine_eps=eps)
     if logits == "normalized":  # (a) normalised q and k, no 1/sqrt(D)
         qn = kmeans.normalize(q, norm)
         want = A.dense_causal_attention(qn, qn if shared_qk else kmeans.normalize(k, norm), v,
@@ -288,7 +295,8 @@ def test_local_look_back_zero_hides_the_previous_block():
 # ------------------------------------------------------------------------------ 4. causality
 @pytest.mark.parametrize("logits,shared_qk,use_mem", WITH_MEM)
 def test_nearest_is_strictly_causal(logits, shared_qk, use_mem):
-    """Tokens after i (q, k and v) change; outputs at positions <= i do not (to rounding, SPEC 1)."""
+    """Tokens after i (q, k and v) change; outputs at positions <= i do not (to rounding,
+    docs/algorithm.md#1-one-routing-head)."""
     B, H, T, D, K = 2, 2, 12, 4, 3
     q, k, v = _qkv(B, H, T, D, seed=10)
     means = _means(H, K, D)  # fixed centroids: the update happens after the step
@@ -305,9 +313,8 @@ def test_nearest_is_strictly_causal(logits, shared_qk, use_mem):
         assert np.abs(out2[:, :, i + 1:] - out[:, :, i + 1:]).max() > 1e-3  # the change is real
 
 
-@pytest.mark.parametrize("impl", ["ref", "numba"])
 def test_balanced_membership_leaks_the_future(impl):
-    """SPEC section 3: balanced top-W membership is NOT causal, with a perfect position mask.
+    """docs/algorithm.md#3-the-causal-leak: balanced top-W membership is NOT causal, with a perfect position mask.
 
     This is the paper's rule and what both public implementations train with (the official
     TensorFlow code and the PyTorch port): each cluster takes its W best tokens over the WHOLE
@@ -350,7 +357,7 @@ def test_row_with_no_visible_key_outputs_zero(self_attend):
     eps = 1e-2
 
     def f(q, k, v):
-        return A.cluster_attention_reference(q, k, v, qwin, kwin, scale=0.5, self_attend=self_attend, eps=eps)
+        return A.cluster_attention_reference(q, k, v, qwin, kwin, scale=0.5, self_attend=self_attend, combine_eps=eps)
 
     out = f(q, k, v)
     assert np.all(out[0, 0, [0, 1, 3]] == 0)  # 0, 3: in no window; 1: nothing visible
@@ -420,7 +427,8 @@ def test_routing_gradients_match_finite_differences(membership, logits, norm, qk
 @pytest.mark.parametrize("membership", A.MEMBERSHIP)
 @pytest.mark.parametrize("shared_qk", [True, False])
 def test_centroids_get_no_gradient(membership, shared_qk):
-    """The commitment loss uses stop-gradient(mu), and routing decisions are constants (SPEC 1.6, 1.8)."""
+    """The commitment loss uses stop-gradient(mu), and routing decisions are constants
+    (docs/algorithm.md#16-centroid-update, docs/algorithm.md#18-commitment-loss)."""
     q, k, v = _qkv(1, 2, 8, 4, seed=54)
     means = _means()
 
@@ -465,14 +473,14 @@ def test_multihead_gradients_match_finite_differences(shared_qk, n_route_heads):
 # ------------------------------------------------------------------------------ 7. stats and loss
 @pytest.mark.parametrize("membership", A.MEMBERSHIP)
 @pytest.mark.parametrize("shared_qk", [True, False])
-@pytest.mark.parametrize("combine", kmeans.COMBINES)
+@pytest.mark.parametrize("combine", kmeans.COMMITMENT_QK)
 @pytest.mark.parametrize("norm", kmeans.NORMS)
 def test_stats_and_commitment_loss_match_kmeans(membership, shared_qk, combine, norm):
     B, H, T, D, K = 2, 2, 8, 4, 3
     q, k, v = _qkv(B, H, T, D, seed=70)
     means = _means(H, K, D, norm=norm)
     _, loss, stats = _route(q, k, v, means, window_size=4, membership=membership, shared_qk=shared_qk,
-                            combine=combine, norm=norm, commitment=0.25)
+                            commitment_qk=combine, norm=norm, commitment=0.25)
     S = 1 if shared_qk else 2
     assert stats["sums"].shape == (S, H, K, D)
     assert stats["counts"].shape == (S, H, K)
@@ -492,7 +500,7 @@ def test_stats_and_commitment_loss_match_kmeans(membership, shared_qk, combine, 
         e_q = kmeans.commitment_loss(streams[0], means, commitment=0.25)
         want_loss = 2 * e_q if combine == "sum" else e_q  # official e_q + e_k with k = q; port: e_q
     else:
-        want_loss = kmeans.commitment_loss(streams, means, commitment=0.25, combine=combine)
+        want_loss = kmeans.commitment_loss(streams, means, commitment=0.25, commitment_qk=combine)
     assert want_loss > 0
     np.testing.assert_allclose(loss, want_loss, rtol=1e-12, atol=0)
 
@@ -534,14 +542,14 @@ ROUTING_ERRORS = [  # (changes, exception, pattern that must appear in the messa
     (dict(logits="raw"), ValueError, r"logits must be one of .* got 'raw'"),
     (dict(membership="greedy"), ValueError, r"membership must be one of .* got 'greedy'"),
     (dict(self_attend="never"), ValueError, r"self_attend must be one of .* got 'never'"),
-    (dict(combine="max"), ValueError, r"combine must be one of .* got 'max'"),
+    (dict(commitment_qk="max"), ValueError, r"commitment_qk must be one of .* got 'max'"),
     (dict(impl="fast"), ValueError, r"impl must be one of .* got 'fast'"),
     (dict(impl="fast", membership="nearest"), ValueError, r"impl must be one of .* got 'fast'"),
     (dict(impl="cupy"), (ValueError, ImportError), r"impl='cupy' needs (CuPy arrays|cupy)"),  # no GPU here
-    (dict(eps=0.0), ValueError, r"eps must be a positive .* got 0.0"),
-    (dict(eps=-1e-2), ValueError, r"eps must be a positive .* got -0.01"),
-    (dict(eps=float("nan")), ValueError, r"eps must be a positive .* got nan"),
-    (dict(commitment=-1.0), ValueError, r"commitment must be a non-negative .* got -1.0"),
+    (dict(combine_eps=0.0), ValueError, r"combine_eps must be .* got 0.0"),
+    (dict(combine_eps=-1e-2), ValueError, r"combine_eps must be .* got -0.01"),
+    (dict(combine_eps=float("nan")), ValueError, r"combine_eps must be .* got nan"),
+    (dict(commitment=-1.0), ValueError, r"commitment must be >= 0.0, got -1.0"),
     (dict(shared_qk=True, mem_kv=(_means(), _means())), ValueError, r"mem_kv .* shared_qk=False"),
     (dict(mem_kv=(_means(), _means(K=3))), ValueError, r"mem_v must have shape \(2, 2, 4\).* got \(2, 3, 4\)"),
     (dict(mem_kv=(_means()[None], _means())), ValueError, r"mem_k must have 3 axes"),
@@ -565,11 +573,10 @@ def test_bad_input_cases_are_valid_without_the_change():
 
 
 @pytest.mark.parametrize("fn,kwargs,exc,pattern", [
-    ("local", dict(block_size=3), ValueError, r"T=8 is not a multiple of block_size=3"),
     ("local", dict(block_size=0), ValueError, r"block_size must be >= 1, got 0"),
     ("local", dict(block_size=4.0), TypeError, r"block_size must be an integer, got 4.0"),
-    ("local", dict(block_size=4, look_back=-1), ValueError, r"look_back must be an integer >= 0, got -1"),
-    ("local", dict(block_size=4, look_back=1.5), ValueError, r"look_back .* got 1.5"),
+    ("local", dict(block_size=4, look_back=-1), ValueError, r"look_back must be >= 0, got -1"),
+    ("local", dict(block_size=4, look_back=1.5), TypeError, r"look_back must be an integer, got 1.5 of type float"),
     ("local", dict(block_size=4, self_attend="self"), ValueError, r"self_attend must be one of .* 'self'"),
     ("dense", dict(self_attend="nope"), ValueError, r"self_attend must be one of .* 'nope'"),
 ])
@@ -595,9 +602,9 @@ def _call_multihead(x=None, params=None, means=None, **changes):
     (dict(x=_normal((8, 8), 0)), ValueError, r"x must have shape \(B, T, C\), got \(8, 8\)"),
     (dict(num_heads=3), ValueError, r"width C=8 is not a multiple of num_heads=3"),
     (dict(num_heads=0), ValueError, r"num_heads must be >= 1, got 0"),
-    (dict(n_route_heads=3), ValueError, r"n_route_heads must be an integer in \[0, 2\], got 3"),
-    (dict(n_route_heads=-1), ValueError, r"n_route_heads must be an integer in \[0, 2\], got -1"),
-    (dict(n_route_heads=1.0), ValueError, r"n_route_heads .* got 1.0"),
+    (dict(n_route_heads=3), ValueError, r"n_route_heads must be in \[0, 2\], got 3"),
+    (dict(n_route_heads=-1), ValueError, r"n_route_heads must be in \[0, 2\], got -1"),
+    (dict(n_route_heads=1.0), TypeError, r"n_route_heads must be an integer, got 1.0 of type float"),
     (dict(params={"w_q": np.eye(8), "w_o": np.eye(8)}), ValueError,
      r"params must hold \['w_o', 'w_q', 'w_v'\], got \['w_o', 'w_q'\]"),
     (dict(params=_mh_params(8, True, 0), shared_qk=False), ValueError, r"params must hold .*'w_k'"),
@@ -606,7 +613,6 @@ def _call_multihead(x=None, params=None, means=None, **changes):
      r"params\['w_o'\] must have shape \(8, 8\), got \(8, 4\)"),
     (dict(means=_means(2, 2, 4)), ValueError, r"means of shape \(2, 2, 4\)"),
     (dict(impl="gpu", n_route_heads=0), ValueError, r"impl must be one of .* got 'gpu'"),
-    (dict(block_size=3), ValueError, r"T=8 is not a multiple of block_size=3"),
 ])
 def test_multihead_rejects_bad_input(changes, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -633,7 +639,7 @@ def test_multihead_is_its_heads_concatenated_and_projected(shared_qk, n_route_he
     means = _means(n_route_heads, K, C // H) if n_route_heads else None
     y, loss, stats = A.multihead_attention(x, p, means, num_heads=H, n_route_heads=n_route_heads,
                                            window_size=W, block_size=L, look_back=1, shared_qk=shared_qk,
-                                           self_attend="last_resort", impl="ref", eps=1e-5, logits="scaled")
+                                           self_attend="last_resort", impl="ref", combine_eps=1e-5, logits="scaled")
     assert y.shape == (B, T, C)
     q = _split(x @ p["w_q"], H)
     k = q if shared_qk else _split(x @ p["w_k"], H)
@@ -648,7 +654,7 @@ def test_multihead_is_its_heads_concatenated_and_projected(shared_qk, n_route_he
                                        1 / np.sqrt(D), "last_resort", 1e-5)
         routed, want_loss, want_stats = A.routing_attention(
             qr, kr, v[:, :Hr], means, window_size=W, shared_qk=shared_qk, self_attend="last_resort",
-            eps=1e-5, logits="scaled", impl="ref")
+            combine_eps=1e-5, logits="scaled", impl="ref")
         np.testing.assert_allclose(loss, want_loss, rtol=1e-12, atol=0)
         np.testing.assert_array_equal(stats["assignments"], want_stats["assignments"])
     else:

@@ -43,7 +43,7 @@ def test_reference_is_the_library(case):
     case = dict(case)
     shared, mem = case.pop("shared_qk", True), case.pop("mem", False)
     result, (q, k, v, g, means, mem_kv) = _case(1, shared, mem, **case)
-    update = {name: case.pop(name) for name in ("update", "decay", "update_eps") if name in case}
+    update = {name: case.pop(name) for name in ("centroid_update", "ema_decay", "laplace_eps") if name in case}
     out, loss, stats = attention.routing_attention(q, k, v, means, window_size=W, shared_qk=shared,
                                                    mem_kv=mem_kv, impl="ref", **case)
     np.testing.assert_array_equal(result["out"], out)
@@ -51,8 +51,10 @@ def test_reference_is_the_library(case):
     for name in ("assignments", "sums", "counts"):
         key = {"sums": "cluster_sums", "counts": "cluster_counts"}.get(name, name)
         np.testing.assert_array_equal(result[key], stats[name])
-    state = kmeans.update_state(kmeans.state_from_means(means), stats, update=update.get("update", "ema"),
-                                decay=update.get("decay", 0.999), eps=update.get("update_eps", 1e-5),
+    state = kmeans.update_state(kmeans.state_from_means(means), stats,
+                                centroid_update=update.get("centroid_update", "ema"),
+                                ema_decay=update.get("ema_decay", 0.999),
+                                laplace_eps=update.get("laplace_eps", 1e-5),
                                 norm=case.get("norm", "ln"))
     np.testing.assert_array_equal(result["new_means"], state["means"])
     np.testing.assert_array_equal(result["new_counts"], state["counts"])
@@ -71,7 +73,7 @@ def test_gradients_equal_finite_differences(case):
     case = dict(case)
     shared, mem = case.pop("shared_qk", True), case.pop("mem", False)
     result, (q, k, v, g, means, mem_kv) = _case(2, shared, mem, **case)
-    for name in ("update", "decay", "update_eps"):
+    for name in ("centroid_update", "ema_decay", "laplace_eps"):
         case.pop(name, None)
     inputs = {"q": q, "v": v, **({} if shared else {"k": k}),
               **({"mem_k": mem_kv[0], "mem_v": mem_kv[1]} if mem else {})}
@@ -187,7 +189,7 @@ def test_bad_input_names_the_parameter():
     with pytest.raises(TypeError, match="upstream must be a NumPy array"):
         crosscheck.reference(q, None, v, means, window_size=W, upstream=g.tolist())
     with pytest.raises(ValueError, match="update must be one of"):
-        crosscheck.reference(q, None, v, means, window_size=W, upstream=g, update="lloyd")
+        crosscheck.reference(q, None, v, means, window_size=W, upstream=g, centroid_update="lloyd")
     with pytest.raises(ValueError, match="window_size must be <= T=8, got 9"):
         crosscheck.reference(q, None, v, means, window_size=9, upstream=g)
     state = kmeans.state_from_means(means + 1)
@@ -198,8 +200,8 @@ def test_bad_input_names_the_parameter():
 def test_convention_presets_are_accepted_and_differ():
     official, port = crosscheck.official_conventions(), crosscheck.port_conventions(True)
     assert set(official) == set(port)
-    assert {n for n in official if official[n] != port[n]} == {"norm", "logits", "self_attend", "eps", "combine",
-                                                               "update"}
+    assert {n for n in official if official[n] != port[n]} == {"norm", "logits", "self_attend", "combine_eps",
+                                                               "commitment_qk", "centroid_update"}
     assert crosscheck.port_conventions(False)["self_attend"] == "allow"
     a, _ = _case(10, **official)
     b, _ = _case(10)

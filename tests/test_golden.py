@@ -62,8 +62,8 @@ def test_routing_golden_files_are_crosscheck_files(name):
     loaded = crosscheck.load(GOLDEN / f"{name}.npz")
     opts = crosscheck.options(loaded)
     assert opts["shared_qk"] == name.endswith("shared_qk")
-    assert {k: opts[k] for k in ("norm", "logits", "self_attend", "eps", "combine", "update")} == {
-        k: crosscheck.official_conventions()[k] for k in ("norm", "logits", "self_attend", "eps", "combine", "update")}
+    names = ("norm", "logits", "self_attend", "combine_eps", "commitment_qk", "centroid_update")
+    assert {k: opts[k] for k in names} == {k: crosscheck.official_conventions()[k] for k in names}
 
 
 def test_golden_check_detects_a_change(tmp_path):

@@ -1,6 +1,7 @@
 """Tests of rt_numpy.model: the config, the parameters, forward and loss, the k-means bookkeeping.
 
-What is checked (SPEC.md sections 1, 4 and 6; DESIGN.md "Tests"):
+What is checked (docs/algorithm.md#1-one-routing-head, docs/algorithm.md#4-layers-and-heads,
+docs/algorithm.md#6-what-users-ran-into; docs/design.md#tests):
 
 1. every invalid Config field raises a ValueError/TypeError naming the field and the value;
    ``from_dict(to_dict())`` round-trips, unknown keys are refused;
@@ -31,7 +32,7 @@ from rt_numpy import model as M
 
 def tiny(**overrides):
     """The gradient-check size: T=16, C=8, 2 heads (1 routing), K=2, W=4, L=4, routing in the last layer."""
-    values = dict(vocab_size=32, seq_len=16, width=8, n_layers=2, n_heads=2, n_route_heads=1,
+    values = dict(vocab_size=32, seq_len=16, width=8, n_layers=2, num_heads=2, n_route_heads=1,
                   n_route_layers=1, num_clusters=2, window_size=4, block_size=4, ff_mult=2, dtype="float64")
     values.update(overrides)
     return M.Config(**values)
@@ -48,22 +49,22 @@ def setup(cfg, seed=0, B=2, T=None):
 BAD_FIELDS = [  # (field, bad value, exception); every other field at its default
     ("vocab_size", 0, ValueError), ("vocab_size", 2.0, TypeError), ("seq_len", 0, ValueError),
     ("seq_len", True, TypeError), ("width", -8, ValueError), ("n_layers", 0, ValueError),
-    ("n_heads", 0, ValueError), ("num_clusters", 0, ValueError), ("window_size", 0, ValueError),
+    ("num_heads", 0, ValueError), ("num_clusters", 0, ValueError), ("window_size", 0, ValueError),
     ("block_size", 0, ValueError), ("ff_mult", 0, ValueError), ("look_back", -1, ValueError),
     ("n_route_heads", -1, ValueError), ("n_route_layers", -1, ValueError), ("n_route_layers", 1.5, TypeError),
-    ("width", 130, ValueError),  # not a multiple of n_heads=4
-    ("n_route_heads", 5, ValueError),  # > n_heads=4
+    ("width", 130, ValueError),  # not a multiple of num_heads=4
+    ("n_route_heads", 5, ValueError),  # > num_heads=4
     ("n_route_layers", 3, ValueError),  # > n_layers=2
     ("seq_len", 200, ValueError),  # not a multiple of block_size=64
     ("window_size", 512, ValueError),  # > seq_len=256
     ("pos_encoding", "absolute", ValueError), ("norm", "l1", ValueError), ("logits", "raw", ValueError),
-    ("membership", "greedy", ValueError), ("self_attend", "never", ValueError), ("combine", "max", ValueError),
-    ("kmeans_update", "sgd", ValueError), ("dtype", "float16", ValueError), ("dtype", np.float32, ValueError),
+    ("membership", "greedy", ValueError), ("self_attend", "never", ValueError), ("commitment_qk", "max", ValueError),
+    ("centroid_update", "sgd", ValueError), ("dtype", "float16", ValueError), ("dtype", np.float32, ValueError),
     ("shared_qk", 1, TypeError), ("tie_embeddings", "yes", TypeError),
-    ("dropout", 1.0, ValueError), ("dropout", -0.1, ValueError), ("dropout", "0.1", ValueError),
+    ("dropout", 1.0, ValueError), ("dropout", -0.1, ValueError), ("dropout", "0.1", TypeError),
     ("ema_decay", 1.0, ValueError), ("ema_decay", -0.5, ValueError),
     ("commitment", -1e-4, ValueError), ("commitment", math.inf, ValueError), ("commitment", math.nan, ValueError),
-    ("combine_eps", 0.0, ValueError), ("combine_eps", math.inf, ValueError), ("combine_eps", True, ValueError),
+    ("combine_eps", 0.0, ValueError), ("combine_eps", math.inf, ValueError), ("combine_eps", True, TypeError),
 ]
 
 
@@ -78,13 +79,13 @@ def test_config_rejects_bad_field_naming_it(field, value, error):
 
 def test_config_rotary_needs_even_head_dim():
     with pytest.raises(ValueError, match=r"pos_encoding='rotary'.*= 3"):
-        M.Config(width=12, n_heads=4, pos_encoding="rotary")
-    M.Config(width=12, n_heads=4)  # learned positions do not care
+        M.Config(width=12, num_heads=4, pos_encoding="rotary")
+    M.Config(width=12, num_heads=4)  # learned positions do not care
 
 
 def test_config_defaults_are_valid_and_frozen():
     cfg = M.Config()
-    assert cfg.head_dim == cfg.width // cfg.n_heads
+    assert cfg.head_dim == cfg.width // cfg.num_heads
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.width = 64
 
@@ -143,7 +144,7 @@ def test_param_count_follows_options(pos_encoding, shared_qk, tie):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_init_params_dtype_shapes_and_values(dtype):
-    cfg = tiny(dtype=dtype, width=64, n_heads=4, ff_mult=4, vocab_size=256)
+    cfg = tiny(dtype=dtype, width=64, num_heads=4, ff_mult=4, vocab_size=256)
     params = M.init_params(cfg, np.random.default_rng(0))
     assert list(params) == list(M.param_shapes(cfg))
     for name, value in params.items():
@@ -218,7 +219,7 @@ def _gpt_reference(params, ids, cfg):
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
     B, T = ids.shape
-    H, D = cfg.n_heads, cfg.head_dim
+    H, D = cfg.num_heads, cfg.head_dim
     t = np.arange(T)
     angles = t[:, None] * 10000.0 ** (-np.arange(D // 2) * 2.0 / D)  # (T, D/2)
     cos, sin = np.cos(angles), np.sin(angles)
@@ -265,7 +266,7 @@ def test_forward_without_routing_is_a_plain_gpt(pos_encoding, shared_qk, tie):
 GRAD_CONFIGS = {  # commitment raised so that its gradient weighs in the check
     "learned-shared-tied": tiny(commitment=0.5),
     "rotary-separate-untied": tiny(commitment=0.5, pos_encoding="rotary", shared_qk=False, tie_embeddings=False,
-                                   self_attend="last_resort", logits="scaled", norm="l2", combine="mean"),
+                                   self_attend="last_resort", logits="scaled", norm="l2", commitment_qk="mean"),
 }
 
 
@@ -332,7 +333,7 @@ def test_update_kmeans_moves_routing_centroids_only():
 
 @pytest.mark.parametrize("shared_qk, combine", [(True, "sum"), (True, "mean"), (False, "sum"), (False, "mean")])
 def test_loss_is_cross_entropy_plus_commitment(shared_qk, combine):
-    cfg = tiny(n_layers=1, commitment=0.3, shared_qk=shared_qk, combine=combine)
+    cfg = tiny(n_layers=1, commitment=0.3, shared_qk=shared_qk, commitment_qk=combine)
     params, states, ids, targets = setup(cfg)
     total, aux = M.loss(params, ids, targets, cfg, states, impl="ref")
     logits, _ = M.forward(params, ids, cfg, states, impl="ref")
@@ -342,7 +343,7 @@ def test_loss_is_cross_entropy_plus_commitment(shared_qk, combine):
     ce = -np.take_along_axis(logp, targets[..., None], -1).mean()
     assert abs(aux["cross_entropy"] - ce) < 1e-12
     # Commitment by hand: the one layer's routing-head queries (and keys), layer-normalised,
-    # against their nearest centroid, mean over elements (SPEC.md 1.8).
+    # against their nearest centroid, mean over elements (docs/algorithm.md#18-commitment-loss).
     B, T = ids.shape
     x = params["wte"][ids] + params["wpe"][:T]
     xc = x - x.mean(-1, keepdims=True)

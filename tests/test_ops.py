@@ -168,7 +168,7 @@ CASES = [
 def only_rt_numpy_vjps():
     """Fail if anything but rt_numpy.ops primitives is differentiated inside the block.
 
-    autograd.numpy's VJPs build NumPy arrays and break on CuPy (DESIGN.md), so a forward or
+    autograd.numpy's VJPs build NumPy arrays and break on CuPy (docs/design.md#differentiation), so a forward or
     VJP in ops that slipped into autograd.numpy (e.g. ``g * ans`` on a boxed value) must fail
     here even though it would work on NumPy.  Allowed besides ops: autograd's own plumbing
     (containers, vector-space helpers) and ``+``, which autograd uses to accumulate gradients.

@@ -1,6 +1,6 @@
 """Agreement with the PyTorch port (``routing-transformer`` 1.6.1), and every convention where they differ.
 
-What is checked (SPEC.md section 1; docs/conventions.md is the table these tests back):
+What is checked (docs/algorithm.md#1-one-routing-head; docs/conventions.md is the table these tests back):
 
 1. with :func:`rt_numpy.crosscheck.port_conventions`, rt_numpy's routing attention equals the port's
    ``KmeansAttention`` (causal; shared QK, and separate QK with its memory key/value): outputs,
@@ -137,7 +137,7 @@ def test_commitment_loss_equals_port_auxiliary_loss(shared_qk, dtype):
     points = torch.from_numpy(q) if shared_qk else torch.cat([torch.from_numpy(q), torch.from_numpy(k)], dim=2)
     _, aux = _port_attention(shared_qk, means).kmeans(points)
     streams = [kmeans.normalize(q, "l2")] + ([] if shared_qk else [kmeans.normalize(k, "l2")])
-    ours = kmeans.commitment_loss(streams, means, commitment=1e-4, combine="mean")
+    ours = kmeans.commitment_loss(streams, means, commitment=1e-4, commitment_qk="mean")
     assert abs(float(ours) - aux.item()) <= RTOL[dtype] * aux.item()
 
 
@@ -232,7 +232,7 @@ def test_convention_scatter_mean_eps():
     """Port: eps 1e-5; official and rt default: 1e-2.  The outputs differ by (count + 1e-5) / (count + 1e-2)."""
     q, k, v, g, means = _inputs(8)
     theirs = _run_port(_port_attention(True, means), q, k, v, g)["out"]
-    official_eps = _ours(q, k, v, g, means, True, eps=1e-2)
+    official_eps = _ours(q, k, v, g, means, True, combine_eps=1e-2)
     windows = official_eps["query_windows"]
     counts = np.zeros((B, H, T))
     for b in range(B):
@@ -261,7 +261,7 @@ def test_convention_centroid_update_spherical():
     module.kmeans.update()
     theirs = module.kmeans.means.numpy()
     assert _rel(_ours(q, k, v, g, means, False, module)["new_means"], theirs) < 1e-12
-    ema = _ours(q, k, v, g, means, False, module, update="ema")["new_means"]
+    ema = _ours(q, k, v, g, means, False, module, centroid_update="ema")["new_means"]
     assert _rel(ema, theirs) > 1e-2  # a fresh EMA state pulls the means to the batch's cluster means
 
 
@@ -278,10 +278,10 @@ def test_convention_several_passes_average_their_targets():
     state = kmeans.state_from_means(means)
     stats = [kmeans.cluster_stats([kmeans.normalize(a, "l2"), kmeans.normalize(b, "l2")], means, impl="ref")
              for a, b in ((q, k), (q2, k2))]
-    updated = [kmeans.update_state(state, s, update="spherical", norm="l2")["means"] for s in stats]
+    updated = [kmeans.update_state(state, s, centroid_update="spherical", norm="l2")["means"] for s in stats]
     assert _rel((updated[0] + updated[1]) / 2, theirs) < 1e-12
     pooled = {"sums": stats[0]["sums"] + stats[1]["sums"], "counts": stats[0]["counts"] + stats[1]["counts"]}
-    assert _rel(kmeans.update_state(state, pooled, update="spherical", norm="l2")["means"], theirs) > 1e-6
+    assert _rel(kmeans.update_state(state, pooled, centroid_update="spherical", norm="l2")["means"], theirs) > 1e-6
 
 
 def _port_lm(commitment_factor=1e-4):
@@ -335,7 +335,7 @@ def test_convention_commitment_combine(shared_qk):
     """Port: one mean over cat(q, k) (e_q with shared QK); official and rt default "sum": e_q + e_k (2 e_q)."""
     q, k, v, g, means = _inputs(15)
     theirs = _run_port(_port_attention(shared_qk, means), q, k, v, g)["commitment"]
-    summed = _ours(q, k, v, g, means, shared_qk, combine="sum",
+    summed = _ours(q, k, v, g, means, shared_qk, commitment_qk="sum",
                    mem_kv=None if shared_qk else _mem_kv(_port_attention(False, means)))["commitment"]
     np.testing.assert_allclose(summed, 2 * theirs, rtol=1e-12)
 
@@ -352,7 +352,7 @@ def test_convention_lm_ignores_commitment_factor():
         aux_asked = asked(ids)[1].item()
     assert aux_asked == aux_default > 0
 
-    cfg = model.Config(vocab_size=16, seq_len=16, width=16, n_layers=1, n_heads=2, n_route_heads=2,
+    cfg = model.Config(vocab_size=16, seq_len=16, width=16, n_layers=1, num_heads=2, n_route_heads=2,
                        n_route_layers=1, num_clusters=2, window_size=8, block_size=8, dtype="float64")
     params = model.init_params(cfg, np.random.default_rng(0))
     states = model.init_kmeans(cfg, np.random.default_rng(1))

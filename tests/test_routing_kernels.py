@@ -61,11 +61,11 @@ def _reference(q, k, v, g, I, J, scale, last_resort, eps):
     """Reference output and autograd's gradients of sum(out * g) in q, k, v."""
     def loss(q, k, v):
         out = attention.cluster_attention_reference(
-            q, k, v, I, J, scale=scale, self_attend="last_resort" if last_resort else "allow", eps=eps)
+            q, k, v, I, J, scale=scale, self_attend="last_resort" if last_resort else "allow", combine_eps=eps)
         return (out * g).sum()
 
     out = attention.cluster_attention_reference(
-        q, k, v, I, J, scale=scale, self_attend="last_resort" if last_resort else "allow", eps=eps)
+        q, k, v, I, J, scale=scale, self_attend="last_resort" if last_resort else "allow", combine_eps=eps)
     return out, grad(loss, (0, 1, 2))(q, k, v)
 
 
@@ -175,7 +175,7 @@ def test_shared_qk_gradient_adds_both_roles():
         return (fn(q, q, v) * g).sum()
 
     ref = grad(lambda q: loss(lambda a, b, c: attention.cluster_attention_reference(
-        a, b, c, I, I, scale=0.5, self_attend="last_resort", eps=1e-5), q))(q)
+        a, b, c, I, I, scale=0.5, self_attend="last_resort", combine_eps=1e-5), q))(q)
     fused = grad(lambda q: loss(lambda a, b, c: attention.cluster_attention_fused(
         a, b, c, I, I, 0.5, True, 1e-5), q))(q)
     _assert_close(fused, ref, TOL[np.float64], "dq (shared)")

@@ -1,6 +1,6 @@
 """Tests of rt_numpy.sample: filters, one draw, and the generation loop.
 
-What is checked (SPEC.md sections 3 and 6):
+What is checked (docs/algorithm.md#3-the-causal-leak, docs/algorithm.md#6-what-users-ran-into):
 
 1. ``filter_logits``: top-k and top-p on hand-worked examples, ties, -inf entries, batches;
 2. ``sample_next``: greedy is the argmax, draws follow the (filtered) distribution, a seed fixes them;
@@ -9,7 +9,8 @@ What is checked (SPEC.md sections 3 and 6):
    the window slides), ``top_k=1`` is greedy, prompts shorter than a block work;
 4. the context window: exact ``forward`` logits with balanced routing (no padding), padding that
    cannot reach the real positions with a strictly causal model;
-5. sampling refuses missing centroids (the PyTorch port's failure, SPEC.md section 6) and bad arguments.
+5. sampling refuses missing centroids (the PyTorch port's failure, docs/algorithm.md#6-what-users-ran-into) and
+   bad arguments.
 """
 import math
 
@@ -24,7 +25,7 @@ NEG = -np.inf
 
 
 def tiny(**overrides):
-    values = dict(vocab_size=256, seq_len=16, width=8, n_layers=2, n_heads=2, n_route_heads=1,
+    values = dict(vocab_size=256, seq_len=16, width=8, n_layers=2, num_heads=2, n_route_heads=1,
                   n_route_layers=1, num_clusters=2, window_size=4, block_size=4, ff_mult=2, dtype="float64")
     values.update(overrides)
     return M.Config(**values)
@@ -264,7 +265,7 @@ def test_prompt_shorter_than_a_block(membership, n0):
 
 
 def test_sampling_before_any_training_works():
-    """The PyTorch port fails here (centroids initialised lazily, SPEC.md section 6)."""
+    """The PyTorch port fails here (centroids initialised lazily, docs/algorithm.md#6-what-users-ran-into)."""
     cfg = tiny(n_layers=2, n_route_layers=2)
     params, states = setup(cfg)
     assert sorted(states) == ["h0", "h1"]
@@ -297,7 +298,7 @@ def test_next_logits_balanced_is_forward_on_real_tokens():
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
 def test_padding_cannot_reach_real_positions_with_nearest_membership(pos_encoding):
-    """Right-padding is exact for a strictly causal model (SPEC.md section 3): whatever fills the
+    """Right-padding is exact for a strictly causal model (docs/algorithm.md#3-the-causal-leak): whatever fills the
     padding, the logits at the real positions are the same to rounding."""
     cfg = tiny(membership="nearest", pos_encoding=pos_encoding)
     params, states = setup(cfg)

@@ -10,7 +10,7 @@ import pytest
 
 from rt_numpy import data, model, optim, train
 
-CFG = model.Config(seq_len=32, width=16, n_layers=2, n_heads=2, n_route_heads=1, n_route_layers=1,
+CFG = model.Config(seq_len=32, width=16, n_layers=2, num_heads=2, n_route_heads=1, n_route_layers=1,
                    num_clusters=2, window_size=16, block_size=16)
 TCFG = train.TrainConfig(steps=8, batch_size=2, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
                          eval_batches=2, seed=3)

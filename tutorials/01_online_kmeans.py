@@ -27,7 +27,7 @@
 # This notebook builds that update from scratch, checks it against `rt_numpy.kmeans`, and looks at
 # what can go wrong.
 #
-# Shapes, with the letters of SPEC.md:
+# Shapes, with the letters of docs/algorithm.md#alphabet:
 #
 # | array | shape | meaning |
 # |---|---|---|
@@ -63,8 +63,8 @@ print("FAST =", FAST, "| figures saved in", FIG_DIR)
 # %% [markdown]
 # ## 1. Two-dimensional points on the unit circle
 #
-# Routing compares vectors by their **dot product** after normalising them (SPEC.md section 1,
-# items 1 and 2). With unit vectors, the largest dot product is the smallest angle, so this is
+# Routing compares vectors by their **dot product** after normalising them (docs/algorithm.md#11-normalise,
+# docs/algorithm.md#12-similarities). With unit vectors, the largest dot product is the smallest angle, so this is
 # *spherical* k-means: the data live on a sphere and only directions matter. In 2-D the sphere is
 # the unit circle, which we can plot.
 #
@@ -141,7 +141,7 @@ lloyd_path = np.stack(lloyd_path)  # (iters + 1, K, 2)
 #
 # A Transformer never sees "all the data": it sees one mini-batch per training step, and the queries
 # themselves change as the model trains. So the router keeps **running statistics** per cluster and
-# nudges them every step. This is the update of the official code (SPEC.md section 1, item 6, the
+# nudges them every step. This is the update of the official code (docs/algorithm.md#16-centroid-update, the
 # VQ-VAE style EMA), with decay λ and smoothing ε:
 #
 # * count what arrived in this batch: N_c points, summing to S_c;
@@ -225,7 +225,7 @@ plt.show()
 # %%
 state = kmeans.state_from_means(init_means[None])  # means (1, K, 2): H = 1
 for step, x in enumerate(batches_2d):
-    state, _ = kmeans.kmeans_step(state, x[None, None], decay=EMA_DECAY_2D)  # x (M, 2) -> (B=1, H=1, T=M, 2)
+    state, _ = kmeans.kmeans_step(state, x[None, None], ema_decay=EMA_DECAY_2D)  # x (M, 2) -> (B=1, H=1, T=M, 2)
     assert np.allclose(state["means"][0], ema_path[step + 1], rtol=1e-12, atol=1e-12)
 print("library trajectory == from-scratch trajectory over", STEPS_2D, "steps")
 
@@ -236,7 +236,7 @@ print("library trajectory == from-scratch trajectory over", STEPS_2D, "steps")
 # %%
 state = kmeans.state_from_means(init_means[None])
 for x in batches_2d[:5]:
-    state, _ = kmeans.kmeans_step(state, x[None, None], decay=EMA_DECAY_2D)  # five steps of history
+    state, _ = kmeans.kmeans_step(state, x[None, None], ema_decay=EMA_DECAY_2D)  # five steps of history
 
 batch = batches_2d[5].reshape(4, 1, 16, 2)  # (M, 2) -> (B, H, T, D)
 lam, eps = EMA_DECAY_2D, 1e-5
@@ -256,7 +256,7 @@ print("(ñ - n) / n =", [f"{v:.1e}" for v in (n_smooth - n) / n], "(smoothing ma
 
 # %%
 stats = kmeans.cluster_stats(batch, state["means"], impl="ref")
-new_state = kmeans.update_state(state, stats, decay=lam, eps=eps)
+new_state = kmeans.update_state(state, stats, ema_decay=lam, laplace_eps=eps)
 
 assert np.array_equal(stats["assignments"][0, :, 0].reshape(-1), assign)  # (S, B, H, T) -> (B*T,)
 assert np.array_equal(stats["counts"][0, 0], N_c)
@@ -284,7 +284,7 @@ print("numba == ref")
 #
 # Real heads have D = 64 or more. We make fake queries for H = 2 heads: each token belongs to one of
 # K hidden "topics" (a random direction per head and topic, with *unequal* frequencies, as words
-# are), plus a lot of noise. Two normalisations exist (SPEC.md section 1, item 1):
+# are), plus a lot of noise. Two normalisations exist (docs/algorithm.md#11-normalise):
 #
 # * `norm="ln"` (official): a parameter-free layer norm, so every vector has norm ≈ √D;
 # * `norm="l2"` (PyTorch port): unit vectors.
@@ -345,7 +345,7 @@ def train(norm, init, steps=STEPS, seed=4):
     for _ in trange(steps, desc=f"{norm}/{init}", leave=False, mininterval=0.5):
         x = kmeans.normalize(token_batch(data_rng)[0], norm)  # (B, H, T, D)
         losses.append(kmeans.commitment_loss(x, state["means"], commitment=1.0))
-        state, _ = kmeans.kmeans_step(state, x, decay=DECAY, norm=norm)
+        state, _ = kmeans.kmeans_step(state, x, ema_decay=DECAY, norm=norm)
     return state, np.array(losses)
 
 
@@ -382,7 +382,7 @@ for (norm, init), (_, losses) in runs.items():
 # %% [markdown]
 # ## 4. Nearest versus balanced membership
 #
-# Once the centroids are trained, which tokens attend together? Two rules (SPEC.md section 1, item 3):
+# Once the centroids are trained, which tokens attend together? Two rules (docs/algorithm.md#13-membership):
 #
 # * `nearest`: every token joins its nearest centroid. Cluster sizes follow the data, so a popular
 #   topic makes one huge cluster, and attention cost grows with the square of that size.
@@ -432,8 +432,8 @@ print("fraction of tokens in no cluster:", np.mean(times_picked == 0))
 # **Balanced membership is not causal.** Cluster c takes the top W tokens *of the whole sequence*,
 # so whether token j is in cluster c depends on tokens after j: a later token that scores higher can
 # push j out. Even with a perfect position mask inside each cluster, the output at position i can
-# change when a token after i changes (SPEC.md section 3). Both published implementations train
-# this way. `nearest` does not have the problem: a token's cluster depends on that token alone.
+# change when a token after i changes (docs/algorithm.md#3-the-causal-leak). Both published implementations
+# train this way. `nearest` does not have the problem: a token's cluster depends on that token alone.
 # Tutorial 2 measures the leak. A two-line glimpse: make the last token a copy of centroid 0
 # and see who gets evicted.
 
@@ -471,14 +471,14 @@ start_means = np.stack([np.cos(start), np.sin(start)], axis=-1)[None]  # (H=1, K
 for update in ("ema", "spherical"):
     rng = np.random.default_rng(6)
     state = kmeans.state_from_means(start_means)
-    print(f'update="{update}"')
+    print(f'centroid_update="{update}"')
     for step in range(5):
-        state, stats = kmeans.kmeans_step(state, arc_batch(rng), update=update, decay=0.9, norm="l2")
+        state, stats = kmeans.kmeans_step(state, arc_batch(rng), centroid_update=update, ema_decay=0.9, norm="l2")
         print(f"  step {step}: points received {stats['counts'][0, 0]}, "
               f"centroid norms after {np.linalg.norm(state['means'][0], axis=-1)}")
 
 # %% [markdown]
-# With `update="ema"` the 80° centroid receives nothing at step 0, its norm jumps to about
+# With `centroid_update="ema"` the 80° centroid receives nothing at step 0, its norm jumps to about
 # λ/ε = 9·10⁴, and at step 1 it takes every point with a positive dot product (most of the batch);
 # having received points, it is back to a normal length. The 200° centroid faces away from all
 # points: it stays at about λᵗ/ε, shrinking by a factor e only every 1/(1−λ) steps (1000 steps with
@@ -486,7 +486,7 @@ for update in ("ema", "spherical"):
 # 10⁴–10⁵ times too long. `init="data"` starts every centroid on the data, which makes such
 # never-used clusters less likely.
 #
-# With `update="spherical"` (the PyTorch port), an empty cluster simply keeps its centroid: no
+# With `centroid_update="spherical"` (the PyTorch port), an empty cluster simply keeps its centroid: no
 # explosion, but also no revival; the 80° and 200° centroids are dead weight.
 
 # %% [markdown]

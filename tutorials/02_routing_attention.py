@@ -23,11 +23,11 @@
 # 3. **routing** attention (Roy et al., arXiv:2003.05997, section 4): queries and keys are grouped
 #    by their nearest centroids, and attention runs only inside each group.
 #
-# Then the options of SPEC.md section 1, the **causal leak** of balanced clusters (SPEC.md section 3),
-# and the cost: time against T on log-log axes.
+# Then the options of docs/algorithm.md#1-one-routing-head, the **causal leak** of balanced clusters
+# (docs/algorithm.md#3-the-causal-leak), and the cost: time against T on log-log axes.
 #
-# Shapes, with the letters of SPEC.md: the library takes q, k, v of shape (B, H, T, D) and centroids
-# `means` of shape (H, K, D). We work on one head (B = H = 1), so most arrays below are (T, D),
+# Shapes, with the letters of docs/algorithm.md#alphabet: the library takes q, k, v of shape (B, H, T, D)
+# and centroids `means` of shape (H, K, D). We work on one head (B = H = 1), so most arrays below are (T, D),
 # and `[None, None]` adds the batch and head axes when we call the library.
 
 # %%
@@ -104,8 +104,8 @@ plt.show()
 # ## 2. Local attention
 #
 # The cheapest fix: cut the sequence into blocks of L tokens; each query sees, causally, its own
-# block and the `look_back` blocks before it (SPEC.md section 2). A query then sees at most 2L keys
-# (with `look_back=1`) whatever T is, so the cost is linear in T. What it cannot do is see
+# block and the `look_back` blocks before it (docs/algorithm.md#2-local-attention). A query then sees at most 2L
+# keys (with `look_back=1`) whatever T is, so the cost is linear in T. What it cannot do is see
 # anything further back: that is what routing adds.
 #
 # Local attention is dense attention with a different mask, so we can compute it with the dense
@@ -157,7 +157,7 @@ plt.show()
 # Routing attention keeps the "attend to a few keys" budget of local attention but chooses the keys by
 # **content**: a query should see the keys it would have given large weights to in dense attention,
 # wherever they are. Large weights mean large dot products, and vectors with a large dot product tend
-# to be close to the same centroid. So (SPEC.md section 1):
+# to be close to the same centroid. So (docs/algorithm.md#1-one-routing-head):
 #
 # 1. normalise the queries (and keys) for routing;
 # 2. score every token against the K centroids of the head;
@@ -171,7 +171,7 @@ plt.show()
 
 # %%
 T, D, K, W = 32, 8, 4, 8
-EPS = 1e-2  # official scatter-mean eps (SPEC.md 1.5)
+EPS = 1e-2  # official scatter-mean eps (docs/algorithm.md#15-combine)
 rng = np.random.default_rng(1)
 topic = rng.choice(4, size=T, p=[0.4, 0.3, 0.2, 0.1])  # (T,), hidden topic of each token
 topic_dirs = 1.5 * rng.standard_normal((4, D))  # (4, D)
@@ -261,7 +261,7 @@ np.add.at(summed, windows, outs)  # summed[windows[c, r]] += outs[c, r], repeate
 out_routing = summed / (counts + EPS)[:, None]  # (T, D) / (T, 1) -> (T, D)
 
 via_windows = attention.cluster_attention_reference(lib(qn), lib(qn), lib(v), windows[None, None],
-                                                    windows[None, None], scale=1.0, eps=EPS)[0, 0]
+                                                    windows[None, None], scale=1.0, combine_eps=EPS)[0, 0]
 out_lib, loss, stats = attention.routing_attention(lib(q), None, lib(v), means, window_size=W, impl="ref")
 assert np.allclose(out_routing, via_windows, rtol=1e-12, atol=1e-14)
 assert np.allclose(out_routing, out_lib[0, 0], rtol=1e-12, atol=1e-14)
@@ -280,7 +280,7 @@ print("by hand == cluster_attention_reference == routing_attention(impl='ref')")
 # (reused in section 4 with other options) and check it once more.
 
 # %%
-def routing_weights(q_logit, k_logit, query_windows, key_windows, *, scale=1.0, self_attend="allow", eps=EPS):
+def routing_weights(q_logit, k_logit, query_windows, key_windows, *, scale=1.0, self_attend="allow", combine_eps=EPS):
     """A (T, T) with routing output = A @ v; q_logit, k_logit (T, D) make the logits, windows (K, W)."""
     T = len(q_logit)
     A = np.zeros((T, T))
@@ -291,7 +291,7 @@ def routing_weights(q_logit, k_logit, query_windows, key_windows, *, scale=1.0, 
         p = masked_softmax(logits, kwin[None, :] <= qwin[:, None])  # (W, W), causal by positions
         np.add.at(A, (qwin[:, None], kwin[None, :]), p)  # A[qwin[r], kwin[s]] += p[r, s]
     counts = np.bincount(query_windows.ravel(), minlength=T)  # (T,)
-    return A / (counts + eps)[:, None]  # (T, T)
+    return A / (counts + combine_eps)[:, None]  # (T, T)
 
 
 A_routing = routing_weights(qn, qn, windows, windows)  # (T, T)
@@ -338,8 +338,8 @@ print(f"K=1, W=T: routing * (1 + eps) == dense; the gap without the factor is {E
 # %% [markdown]
 # ## 4. Options
 #
-# Each option below reproduces one of the two public implementations (SPEC.md section 1). For each,
-# one number that shows what it changes, and one check of our `routing_weights` against the library.
+# Each option below reproduces one of the two public implementations (docs/algorithm.md#1-one-routing-head).
+# For each, one number that shows what it changes, and one check of our `routing_weights` against the library.
 #
 # **`logits`.** `"normalized"` (official): normalised query against normalised key, no 1/√D. With
 # the layer norm both vectors have norm √D, so a logit can reach D, and the softmax is sharp.
@@ -376,7 +376,8 @@ for name, A in (("allow", A_routing), ("last_resort", A_last)):
 # **`shared_qk=False`.** Keys have their own projection; the key windows are chosen the same way
 # from the key similarities, so a cluster's queries and keys can be different tokens. A query whose
 # cluster has no key at or before its position sees nothing and outputs 0 for that cluster (our rule,
-# SPEC.md 1.4). The port avoids such rows by prepending a learned memory key per cluster (`mem_kv`).
+# docs/algorithm.md#14-attention-inside-a-cluster). The port avoids such rows by prepending a learned memory
+# key per cluster (`mem_kv`).
 
 # %%
 k = topic_dirs[topic] + rng.standard_normal((T, D))  # (T, D), keys from the same topics, other noise
@@ -411,7 +412,7 @@ print("nearest cluster sizes:", np.bincount(a, minlength=K), "| balanced: W =", 
 # seat of the weakest member, which may sit early in the sequence. The causal mask inside the cluster
 # is perfect, yet the output at position i ≤ j can change when a token after i changes: the evicted
 # token's own output changes (its count drops), and the cluster's later queries lose a key.
-# (SPEC.md section 3.)
+# (docs/algorithm.md#3-the-causal-leak.)
 #
 # We take a longer sequence, T = 64, and change the single token at position j = 40 (its query and
 # its value) to a copy of centroid 0, then compare every output before and after.
@@ -584,8 +585,8 @@ for (impl, pass_), s in slopes.items():
 # between the two lines widens by a factor of about √T, which is why the paper can reach T = 8192.
 # Timings on a shared machine are noisy; `bench/attention.py` measures more carefully.
 #
-# The released configurations fix W = 512 instead of √T (SPEC.md section 5): for a fixed W the
-# attention inside the clusters is linear in T (K = T / W clusters of W² logits each), and only the
+# The released configurations fix W = 512 instead of √T (docs/algorithm.md#5-released-configurations): for a fixed
+# W the attention inside the clusters is linear in T (K = T / W clusters of W² logits each), and only the
 # routing, T·K similarities, still grows as T².
 #
 # ## Summary

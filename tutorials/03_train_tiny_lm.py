@@ -16,7 +16,7 @@
 #
 # Tutorials 1 and 2 built the router (online k-means) and routing attention. This notebook puts them
 # in a whole model, a byte-level decoder-only language model (Roy et al., arXiv:2003.05997,
-# section 4.2; SPEC.md section 4), and trains it on a CPU in a couple of minutes:
+# section 4.2; docs/algorithm.md#4-layers-and-heads), and trains it on a CPU in a couple of minutes:
 #
 # 1. build a tiny model and list its parameters;
 # 2. check the gradient of the **whole loss** against a finite difference;
@@ -25,8 +25,8 @@
 # 5. look inside: which bytes of real text share a cluster;
 # 6. the associative recall task, where routing should beat local attention.
 #
-# Shapes, with the letters of SPEC.md: a batch of ids is (B, T); the model has width C, H heads of
-# D = C / H, and each routing head K centroids of dimension D. Tokens are bytes, so V = 256.
+# Shapes, with the letters of docs/algorithm.md#alphabet: a batch of ids is (B, T); the model has width C,
+# H heads of D = C / H, and each routing head K centroids of dimension D. Tokens are bytes, so V = 256.
 
 # %%
 import dataclasses
@@ -70,10 +70,10 @@ print("FAST =", FAST, "| figures saved in", FIG_DIR)
 
 # %%
 if FAST:
-    cfg = model.Config(seq_len=64, width=32, n_layers=2, n_heads=4, n_route_heads=2, n_route_layers=1,
+    cfg = model.Config(seq_len=64, width=32, n_layers=2, num_heads=4, n_route_heads=2, n_route_layers=1,
                        num_clusters=4, window_size=16, block_size=16)
 else:
-    cfg = model.Config(seq_len=128, width=64, n_layers=2, n_heads=4, n_route_heads=2, n_route_layers=1,
+    cfg = model.Config(seq_len=128, width=64, n_layers=2, num_heads=4, n_route_heads=2, n_route_layers=1,
                        num_clusters=4, window_size=32, block_size=32)
 print(cfg)
 print("head dim D =", cfg.head_dim, "| routing layers:", [i for i in range(cfg.n_layers) if cfg.is_routing_layer(i)])
@@ -125,7 +125,7 @@ print(f"untrained loss {model.loss(params, x, y, cfg, kmeans_states)[0]:.3f} nat
 # is far too small to flip one here.
 
 # %%
-cfg_gc = model.Config(seq_len=16, width=8, n_layers=2, n_heads=2, n_route_heads=1, n_route_layers=1,
+cfg_gc = model.Config(seq_len=16, width=8, n_layers=2, num_heads=2, n_route_heads=1, n_route_layers=1,
                       num_clusters=2, window_size=8, block_size=8, dtype="float64")
 rng_gc = np.random.default_rng(1)
 params_gc = model.init_params(cfg_gc, rng_gc)  # float64
@@ -183,7 +183,7 @@ print(repr(data.decode(corpus["train"][:120])))
 # 1. loss and gradient by autograd, for a batch of random windows (B, T) and their next bytes;
 # 2. clip the global gradient norm, then AdamW with warm-up and cosine decay of the learning rate;
 # 3. **k-means update** of every routing layer, from the statistics of that same forward pass: the
-#    centroids used in the step are those from before it (SPEC.md section 1 item 6).
+#    centroids used in the step are those from before it (docs/algorithm.md#16-centroid-update).
 #
 # We record the cluster sizes of head 0 of the routing layer at every step. `train_step` does not
 # return the statistics, but the k-means state keeps them in an EMA:
@@ -333,7 +333,7 @@ for temperature, top_p in ((0.0, None), (0.7, 0.9), (1.0, None)):
 def routing_queries(params, ids, cfg, kmeans_states, layer):
     """Normalised queries (B, H_route, T, D) of the routing heads of `layer`, as model.forward makes them."""
     B, T = ids.shape
-    C, H, D = cfg.width, cfg.n_heads, cfg.head_dim
+    H, D = cfg.num_heads, cfg.head_dim
     x = params["wte"][ids]  # (B, T) -> (B, T, C), token embeddings
     x = x + params["wpe"][:T]  # (B, T, C) + (T, C), learned positions
     for i in range(layer):  # the layers below `layer`, in full; local only (asserted below)
@@ -460,7 +460,7 @@ print("".join("^" if m else " " for m in mask_r[0]), " <- the targets y that are
 # on held-out batches as they train.
 
 # %%
-cfg_route = model.Config(seq_len=64, width=32, n_layers=2, n_heads=4, n_route_heads=2, n_route_layers=1,
+cfg_route = model.Config(seq_len=64, width=32, n_layers=2, num_heads=4, n_route_heads=2, n_route_layers=1,
                          num_clusters=4, window_size=16, block_size=4, ff_mult=2)
 cfg_local = dataclasses.replace(cfg_route, n_route_heads=0)
 reach = cfg_route.block_size * (cfg_route.look_back + 1)  # tokens a local head can see

@@ -28,14 +28,13 @@
 # 6. the **golden vectors** in `tests/golden/`, for a check with no Python in common at all.
 #
 # The worked example of steps 1-3 is a from-scratch NumPy implementation written here, so the
-# notebook runs to the end without torch. Letters as in SPEC.md: q, k, v are (B, H, T, D), the
-# centroids `means` are (H, K, D), windows are (B, H, K, W).
+# notebook runs to the end without torch. Letters as in docs/algorithm.md#alphabet: q, k, v are (B, H, T, D),
+# the centroids `means` are (H, K, D), windows are (B, H, K, W).
 
 # %%
 import json
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -109,7 +108,7 @@ assert all(np.array_equal(case[n], ref[n]) for n in ref)
 # ## 3. Your implementation, compared by name
 #
 # Here is "your" implementation: routing attention written from scratch with plain loops, following
-# the port's conventions (SPEC.md section 1). Per head:
+# the port's conventions (docs/algorithm.md#1-one-routing-head). Per head:
 #
 # 1. routing vectors: the queries scaled to unit length, `x̂ = x / max(|x|, 1e-12)`;
 # 2. similarities `x̂ μᵀ`; each cluster takes its W most similar queries (top-k order);
@@ -281,9 +280,9 @@ for option in differences:
         runs.append(crosscheck.compare(base, changed))
     moved[option] = {n: float(np.median([r[n] for r in runs])) for n in quantities}
 
-print(f"{'option':12s} {'port':>12s} {'official':>12s} " + " ".join(f"{n:>11s}" for n in quantities))
+print(f"{'option':16s} {'port':>12s} {'official':>12s} " + " ".join(f"{n:>11s}" for n in quantities))
 for option in differences:
-    print(f"{option:12s} {str(conventions[option]):>12s} {str(official[option]):>12s} "
+    print(f"{option:16s} {str(conventions[option]):>12s} {str(official[option]):>12s} "
           + " ".join(f"{moved[option][n]:11.1e}" for n in quantities))
 
 # %% [markdown]
@@ -293,26 +292,26 @@ for option in differences:
 #   outputs, the commitment loss, the update.
 # * `logits` (raw q against unit keys over √D vs normalised q and k, no √D) and `self_attend` change
 #   the attention inside the clusters: `out` and its gradients, nothing else.
-# * `eps` of the scatter-mean scales each output row by `(count + 1e-5) / (count + 1e-2)`: about
+# * `combine_eps` of the scatter-mean scales each output row by `(count + 1e-5) / (count + 1e-2)`: about
 #   1 % for a token in one cluster.
-# * `combine` doubles the commitment loss with shared QK (the official code adds the queries' error
+# * `commitment_qk` doubles the commitment loss with shared QK (the official code adds the queries' error
 #   twice), and its gradient `commitment_grad_q`.
-# * `update` (spherical vs the VQ-VAE EMA of counts and sums) changes only the new centroids, and by
+# * `centroid_update` (spherical vs the VQ-VAE EMA of counts and sums) changes only the new centroids, and by
 #   a lot here: from a fresh state (counts 0, sums = the centroids, no bias correction) the first EMA
 #   step divides a sum that still holds 0.999 of the initial centroids by a count of about
 #   0.001·N, so the means grow by orders of magnitude before the counts catch up. That is the
-#   official behaviour (SPEC.md section 1 item 6), and why a cross-check of the EMA update should
-#   also start from a state that has seen data, as `tests/golden/kmeans_update.npz` does.
+#   official behaviour (docs/algorithm.md#16-centroid-update), and why a cross-check of the EMA update
+#   should also start from a state that has seen data, as `tests/golden/kmeans_update.npz` does.
 #
 # Let us assert what the bullets claim.
 
 # %%
-for option in ("logits", "self_attend", "eps"):
+for option in ("logits", "self_attend", "combine_eps"):
     assert moved[option]["out"] > 1e-4 and moved[option]["commitment"] == 0 and moved[option]["new_means"] == 0
-assert moved["combine"]["commitment"] == 1.0 and moved["combine"]["out"] == 0  # 2x: relative error exactly 1
-assert moved["update"]["new_means"] > 1e-3 and moved["update"]["out"] == 0
+assert moved["commitment_qk"]["commitment"] == 1.0 and moved["commitment_qk"]["out"] == 0  # 2x: relative error 1
+assert moved["centroid_update"]["new_means"] > 1e-3 and moved["centroid_update"]["out"] == 0
 assert all(moved["norm"][n] > 1e-3 for n in quantities)
-assert 0.005 < moved["eps"]["out"] < 0.011  # (c + 1e-5) / (c + 1e-2) - 1 for c >= 1
+assert 0.005 < moved["combine_eps"]["out"] < 0.011  # (c + 1e-5) / (c + 1e-2) - 1 for c >= 1
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 xs = np.arange(len(differences))

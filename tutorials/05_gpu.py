@@ -17,7 +17,7 @@
 # rt_numpy runs on NumPy arrays or on CuPy arrays (NVIDIA GPUs) with **the same code**: every
 # differentiable operation is a primitive of `rt_numpy.ops` whose forward pass and derivative call the
 # array module of their input (`xp = get_array_module(x)`), so nothing in the model says "NumPy" or "GPU".
-# Three things make it work (DESIGN.md, "Differentiation: one set of primitives for NumPy and CuPy"):
+# Three things make it work (docs/design.md#differentiation):
 #
 # 1. **autograd learns about CuPy arrays.** `backend.use_cupy()` registers `cupy.ndarray` as a type autograd
 #    boxes while tracing, with a vector space (zeros, ones, sums) made of CuPy arrays.

@@ -1,16 +1,10 @@
-"""Numba kernels (CPU fast paths).  A leaf package: nothing here imports the model.
+"""The fast paths: Numba kernels (``numba_*.py``, CPU) and CUDA kernels through CuPy (``cupy_*.py``, GPU).
 
-Numba's default OpenMP threads keep spinning after a parallel kernel returns and
-then fight NumPy's BLAS threads for the cores: on 2 cores a BLAS call right after
-a kernel was measured 100x slower.  The workqueue threading layer's threads
-sleep instead, so it is chosen here unless ``NUMBA_THREADING_LAYER`` is set.
+A leaf package: nothing here imports the model.  Each kernel computes what a
+readable reference in :mod:`rt_numpy.ops`, :mod:`rt_numpy.kmeans` or
+:mod:`rt_numpy.attention` computes, and a test says so
+(docs/design.md#the-reference-path-and-the-fast-paths).  Importing this package
+changes nothing process-wide; :mod:`rt_numpy.runtime` holds those settings.
 """
-import os
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    try:
-        import numba
-
-        numba.config.THREADING_LAYER = "workqueue"
-    except ImportError:  # the reference path works without numba
-        pass
+SELF_LOGIT = -5e4  # the "last resort" self logit of the PyTorch port and Reformer, shared by every path

@@ -157,7 +157,7 @@ def top_w_positions(scores, W):
 
     Notes
     -----
-    SPEC.md section 1 item 3; equals :func:`rt_numpy.kmeans.top_w_reference`.
+    docs/algorithm.md#13-membership; equals :func:`rt_numpy.kmeans.top_w_reference`.
     """
     xp = _array_module(scores)
     B, H, K, T = scores.shape

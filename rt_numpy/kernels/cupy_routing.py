@@ -3,7 +3,7 @@
 :func:`rt_numpy.attention.cluster_attention_fused` on CuPy arrays).
 
 The same two entry points as :mod:`rt_numpy.kernels.numba_routing`, computing
-the same things to rounding (``tests/test_gpu.py``):
+the same things to rounding (``tests/gpu/test_gpu.py``):
 
 * :func:`forward` - causal softmax attention inside every cluster, then the
   scatter-mean back to positions.
@@ -33,20 +33,22 @@ How the work is laid out (one thread block per cluster, FlashAttention-2's split
 
 Masked logits are -inf (probability exactly 0); a query row with no visible
 key outputs 0; with ``last_resort`` the self logit is -5e4 and passes no
-gradient to q or k.  SPEC.md section 1 items 4-5.  A leaf module.
+gradient to q or k.  docs/algorithm.md#14-attention-inside-a-cluster, docs/algorithm.md#15-combine.
+A leaf module.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from rt_numpy.kernels import (
+    SELF_LOGIT,  # the "last resort" self logit (docs/algorithm.md#14-attention-inside-a-cluster)
+)
 from rt_numpy.kernels.cupy_ops import _array_module, ctype, launch, segment_sum, segments
 
-SELF_LOGIT = -5e4  # the "last resort" self logit (SPEC.md 1.4), as in rt_numpy.attention
 QUERY_THREADS = 128  # query rows per block in the forward and query-side backward kernels
 SHARED_BYTES = 40 * 1024  # stay under the 48 KiB of static shared memory a block may have
 
-SOURCE = r"""
-constexpr double SELF_LOGIT = -5e4;
+SOURCE = f"constexpr double SELF_LOGIT = {SELF_LOGIT!r};\n" + r"""
 
 // The most negative finite number: the running maximum before any logit is seen.
 template <typename T> __device__ __forceinline__ T lowest();

@@ -2,8 +2,8 @@
 
 Softmax needs ``exp(x - max)``, whose argument is never positive.  Numba
 compiles ``math.exp`` to a call into the C library, one number per call: in the
-routing kernels that call was about 30% of the time (BENCHMARKS.md, "A
-vectorised exponential").  :func:`exp_nonpositive` is made of multiplications,
+routing kernels that call was about 30% of the time (CHANGELOG.md, benchmark
+history of 2026-11-28).  :func:`exp_nonpositive` is made of multiplications,
 additions and one change of type only, so a loop of it runs 8 or 16 numbers per
 instruction.  It is the textbook method:
 

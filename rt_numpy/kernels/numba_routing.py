@@ -54,7 +54,7 @@ How they are fast without ``fastmath``:
   (``inline="always"``).  A call of a separately compiled helper updates the
   reference count of each array view it receives or makes (an atomic
   operation each): for the small per-block helpers that had cost about as much
-  as their arithmetic (BENCHMARKS.md, session 4).  The three loops that do
+  as their arithmetic (CHANGELOG.md, benchmark history of 2026-11-28).  The three loops that do
   the arithmetic (:func:`_rows_times_tile`, :func:`_weights_times_rows`,
   :func:`_block_softmax`) stay separate functions: inlining them too was 10%
   faster with 8 heads but took 2.4 times as long to compile (88 s instead of
@@ -67,7 +67,8 @@ can be by zero: a softmax total is at least 1 and a denominator at least eps.
 
 Notes
 -----
-SPEC.md section 1 items 4-5.  Masked logits are -inf (probability exactly 0); a
+docs/algorithm.md#14-attention-inside-a-cluster, docs/algorithm.md#15-combine.
+Masked logits are -inf (probability exactly 0); a
 query row with no visible key outputs 0; with ``last_resort`` the self logit is
 -5e4, set before the causal mask.
 """
@@ -79,12 +80,14 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from rt_numpy.kernels import (
+    SELF_LOGIT,  # the "last resort" self logit (docs/algorithm.md#14-attention-inside-a-cluster)
+)
 from rt_numpy.kernels.numba_exp import exp_nonpositive
 
-# The threading layer (workqueue unless NUMBA_THREADING_LAYER is set) is chosen in
-# rt_numpy/kernels/__init__.py.
+# The threading layer (workqueue unless NUMBA_THREADING_LAYER is set) is chosen by
+# rt_numpy.runtime (docs/design.md#process-wide-settings).
 
-SELF_LOGIT = -5e4  # the "last resort" self logit (SPEC.md 1.4), as in rt_numpy.attention
 ROWS = 4  # rows worked together (the products below are written out for exactly four)
 LANES = 16  # loops over a cluster's keys run over a multiple of this many (one AVX-512 vector of float32)
 
@@ -412,7 +415,7 @@ def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self
         rows = min(ROWS, W - r0)
         n = _block_probabilities(tiles, p, query_window, key_window, r0, scale, last_resort, self_logit)
         if n == 0:
-            out[r0:r0 + rows] = 0  # nothing visible: these rows output 0 (SPEC.md 1.4)
+            out[r0:r0 + rows] = 0  # nothing visible: output 0 (docs/algorithm.md#14-attention-inside-a-cluster)
             continue
         _weights_times_rows(p, v_rows, 0, n, block_out)  # (4, n) @ (n, D) -> (4, D)
         _copy_rows(block_out, out[r0:r0 + rows], rows)
@@ -728,7 +731,8 @@ def forward(q, k, v, query_windows, key_windows, scale, last_resort, eps, *, sch
 
     Notes
     -----
-    SPEC.md section 1 items 4-5; the reference is
+    docs/algorithm.md#14-attention-inside-a-cluster, docs/algorithm.md#15-combine;
+    the reference is
     :func:`rt_numpy.attention.cluster_attention_reference`.
     """
     shared, k, key_windows = _shared(q, k, query_windows, key_windows)

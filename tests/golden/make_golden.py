@@ -26,9 +26,9 @@ HERE = Path(__file__).resolve().parent
 B, H, T, D, K, W = 2, 2, 8, 4, 3, 3  # routing and k-means cases
 LOCAL = {"block_size": 4, "look_back": 1}  # local attention: T = 8 is two blocks
 LAYER = {"num_heads": 2, "n_route_heads": 0, "block_size": 4, "look_back": 1}  # width C = 8
-LM = model.Config(vocab_size=16, seq_len=8, width=8, n_layers=2, n_heads=2, n_route_heads=1, n_route_layers=1,
+LM = model.Config(vocab_size=16, seq_len=8, width=8, n_layers=2, num_heads=2, n_route_heads=1, n_route_layers=1,
                   num_clusters=2, window_size=4, block_size=4, ff_mult=2, dtype="float64")
-UPDATE = {"update": "ema", "decay": 0.999, "eps": 1e-5, "norm": "ln"}
+UPDATE = {"centroid_update": "ema", "ema_decay": 0.999, "laplace_eps": 1e-5, "norm": "ln"}
 
 
 def _normal(rng, *shape):
@@ -90,7 +90,7 @@ def _kmeans_update(x):
     return {"q_normalized": streams[0], "k_normalized": streams[1], "assignments": stats["assignments"],
             "cluster_counts": stats["counts"], "cluster_sums": stats["sums"], "new_means": new["means"],
             "new_counts": new["counts"], "new_sums": new["sums"],
-            "commitment": np.asarray(kmeans.commitment_loss(streams, x["means"], commitment=1e-4, combine="sum"))}
+            "commitment": np.asarray(kmeans.commitment_loss(streams, x["means"], commitment=1e-4, commitment_qk="sum"))}
 
 
 def _routing(x):
@@ -147,7 +147,7 @@ def options(name):
     """The options of golden file ``name``, stored in it as JSON (array ``options``)."""
     common = {"dtype": "float64", "impl": "ref", "rt_numpy_conventions": "official (the defaults)"}
     if name == "kmeans_update":
-        return {**common, "norm": "ln", "streams": ["q", "k"], "commitment": 1e-4, "combine": "sum", **UPDATE}
+        return {**common, "norm": "ln", "streams": ["q", "k"], "commitment": 1e-4, "commitment_qk": "sum", **UPDATE}
     if name.startswith("routing_attention"):
         return {**common, "note": "crosscheck.reference; the full options are in the array 'options'"}
     if name == "local_attention":

@@ -1,21 +1,21 @@
 """A stand-in for CuPy on a machine without a GPU: NumPy arrays of a class named ``cupy.ndarray``.
 
-Only for tests/test_gpu_emulated.py, which puts this folder first on ``PYTHONPATH`` and
-runs tests/test_gpu.py against it.  What it gives:
+Only for tests/gpu/test_gpu_emulated.py, which puts this folder first on ``PYTHONPATH`` and
+runs tests/gpu/test_gpu.py against it.  What it gives:
 
 * ``cupy.ndarray``, a NumPy subclass whose module is ``cupy``, so rt_numpy takes it
   for a GPU array (``backend.get_array_module``, the kernels' dispatch, autograd's
   registration in ``backend.use_cupy``);
 * every ``cupy.<function>`` as the NumPy function with its array results turned into
   ``cupy.ndarray`` (reductions give 0-d arrays, and sorts are stable, as in CuPy);
-* ``cupy.RawModule``: the CUDA source compiled by g++ and run by tests/cuda_emulator.py;
+* ``cupy.RawModule``: the CUDA source compiled by g++ and run by tests/gpu/cuda_emulator.py;
 * CuPy's strictness where NumPy would quietly mix devices: a ufunc, a ``cupy.<function>``
   or a ``numpy.<function>`` given a GPU array and a (non-scalar) host array raises
   ``TypeError``; ``numpy.<function>`` of GPU arrays alone runs and returns GPU arrays, as
   CuPy's ``__array_function__`` does.
 
 It cannot catch everything a real GPU would (``numpy.asarray`` of a GPU array silently
-works here, and nothing runs in parallel), so it complements tests/test_gpu.py on a GPU.
+works here, and nothing runs in parallel), so it complements tests/gpu/test_gpu.py on a GPU.
 """
 import sys
 from pathlib import Path
@@ -120,7 +120,7 @@ def argsort(a, axis=-1, kind=None):
 
 
 class RawModule:
-    """CUDA source compiled with g++ and run on CPU threads (tests/cuda_emulator.py)."""
+    """CUDA source compiled with g++ and run on CPU threads (tests/gpu/cuda_emulator.py)."""
 
     def __init__(self, code, options=(), name_expressions=()):
         self.code = code
@@ -139,7 +139,7 @@ class _Runtime:
 
     @staticmethod
     def getDeviceProperties(device):
-        return {"name": b"CPU emulation of a GPU (tests/fake_cupy)"}
+        return {"name": b"CPU emulation of a GPU (tests/gpu/fake_cupy)"}
 
 
 class _Device:

@@ -3,7 +3,7 @@ one training step, sampling and a checkpoint round trip.
 
 Skipped as a whole where CuPy or a GPU is missing (the CPU suite needs neither).  On
 a GPU machine ``python bench/gpu_check.py`` runs this file, then the timings.
-tests/test_cuda_emulated.py checks the same CUDA sources on a CPU.
+tests/gpu/test_cuda_emulated.py checks the same CUDA sources on a CPU.
 """
 import numpy as np
 import pytest
@@ -144,9 +144,9 @@ def test_cluster_stats_equal_numpy(dtype):
 def test_kmeans_step_and_commitment_equal_numpy(update):
     points, means = _points()
     state = kmeans.state_from_means(means)
-    cpu = kmeans.kmeans_step(state, points, update=update, decay=0.9, norm="l2")
-    gpu = kmeans.kmeans_step(backend.to_device(state, "gpu"), backend.to_device(points, "gpu"), update=update,
-                             decay=0.9, norm="l2")
+    cpu = kmeans.kmeans_step(state, points, centroid_update=update, ema_decay=0.9, norm="l2")
+    gpu = kmeans.kmeans_step(backend.to_device(state, "gpu"), backend.to_device(points, "gpu"), centroid_update=update,
+                             ema_decay=0.9, norm="l2")
     _close(gpu[0], cpu[0])
     _close(kmeans.commitment_loss(backend.to_device(points, "gpu"), backend.to_device(means, "gpu")),
            kmeans.commitment_loss(points, means))
@@ -195,7 +195,8 @@ def test_fused_routing_kernels_equal_reference(dtype, last_resort, shape):
     self_attend = "last_resort" if last_resort else "allow"
 
     def reference(q, k, v):
-        return attention.cluster_attention_reference(q, k, v, qw, kw, scale=scale, self_attend=self_attend, eps=eps)
+        return attention.cluster_attention_reference(q, k, v, qw, kw, scale=scale, self_attend=self_attend,
+                                                     combine_eps=eps)
 
     grads = autograd.grad(lambda qkv: ops.sum(ops.multiply(reference(*qkv), g)))((q, k, v))
     tol = F64 if dtype == np.float64 else dict(rtol=1e-3, atol=1e-4)

@@ -1,6 +1,6 @@
 """Moving state between devices, and what happens when a GPU is asked for where there is none.
 
-These run on every machine; tests/test_gpu.py holds the comparisons that need a GPU.
+These run on every machine; tests/gpu/test_gpu.py holds the comparisons that need a GPU.
 """
 import subprocess
 import sys
@@ -74,7 +74,7 @@ def test_train_refuses_unknown_device():
 
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
 def test_gpu_check_without_gpu_says_so():
-    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
     result = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "gpu_check: device 'gpu' needs" in result.stderr and "Traceback" not in result.stderr

@@ -3,7 +3,7 @@
 With ``nvcc`` on the PATH every template instance the kernels launch is compiled to
 machine code for sm_90 (``-cubin``, so ptxas runs too); otherwise with NVRTC through
 ``cupy_backends`` when CuPy is installed; otherwise the test skips.
-tests/test_cuda_emulated.py checks what the kernels compute.
+tests/gpu/test_cuda_emulated.py checks what the kernels compute.
 """
 import shutil
 import subprocess

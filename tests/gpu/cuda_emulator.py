@@ -6,7 +6,7 @@ blocks of a launch run one after another, so a static is one block's shared memo
 an atomic builtin.  Warp-level primitives are not emulated (the kernels use none).
 :func:`emulated_launch` takes the arguments of ``rt_numpy.kernels.cupy_ops.launch``
 with NumPy arrays (or subclasses) in place of CuPy arrays.  Used by
-tests/test_cuda_emulated.py and by the stand-in CuPy of tests/fake_cupy.
+tests/gpu/test_cuda_emulated.py and by the stand-in CuPy of tests/gpu/fake_cupy.
 """
 import ctypes
 import hashlib

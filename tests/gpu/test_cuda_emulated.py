@@ -1,17 +1,17 @@
 """The CUDA kernels of rt_numpy.kernels.cupy_* run on the CPU, without CuPy or a GPU.
 
-tests/cuda_emulator.py compiles a kernel's CUDA source as C++ (g++) with one OS
+tests/gpu/cuda_emulator.py compiles a kernel's CUDA source as C++ (g++) with one OS
 thread per CUDA thread.  The kernels' own Python glue (sorting, segment starts,
 denominators) runs here on NumPy arrays, so the GPU path - glue and CUDA source -
 is checked against the NumPy references.  Timing means nothing here;
-tests/test_gpu.py runs the same comparisons with CuPy on a GPU, and
-tests/test_gpu_emulated.py runs tests/test_gpu.py itself on a stand-in CuPy built
+tests/gpu/test_gpu.py runs the same comparisons with CuPy on a GPU, and
+tests/gpu/test_gpu_emulated.py runs tests/gpu/test_gpu.py itself on a stand-in CuPy built
 on this emulator.
 """
 import numpy as np
 import pytest
-
 from cuda_emulator import GXX, emulated_launch
+
 from rt_numpy import attention, kmeans
 from rt_numpy.kernels import cupy_kmeans, cupy_ops, cupy_routing
 
@@ -78,7 +78,8 @@ def test_routing_forward_and_backward_equal_reference(case, last_resort, dtype):
     self_attend = "last_resort" if last_resort else "allow"
 
     def reference(q, k, v):
-        return attention.cluster_attention_reference(q, k, v, qw, kw, scale=scale, self_attend=self_attend, eps=eps)
+        return attention.cluster_attention_reference(q, k, v, qw, kw, scale=scale, self_attend=self_attend,
+                                                     combine_eps=eps)
 
     out = cupy_routing.forward(q, k, v, qw, kw, scale, last_resort, eps)
     np.testing.assert_allclose(out, reference(q, k, v), **tol)
@@ -107,7 +108,8 @@ def test_routing_shared_qk_equals_reference():
     q, _, v, g, qw, _ = _routing_case(1, 2, 48, 8, 3, 16, np.float64, seed=3)
 
     def reference(q, v):
-        return attention.cluster_attention_reference(q, q, v, qw, qw, scale=1.0, self_attend="last_resort", eps=1e-5)
+        return attention.cluster_attention_reference(q, q, v, qw, qw, scale=1.0, self_attend="last_resort",
+                                                     combine_eps=1e-5)
 
     np.testing.assert_allclose(cupy_routing.forward(q, q, v, qw, qw, 1.0, True, 1e-5), reference(q, v), rtol=1e-10,
                                atol=1e-12)
