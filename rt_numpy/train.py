@@ -27,7 +27,7 @@ import autograd
 import numpy as np
 from autograd.tracer import getval
 
-from rt_numpy import backend, data, model, optim
+from rt_numpy import _checks, backend, data, model, optim
 
 CHECKPOINT_VERSION = 1
 
@@ -51,17 +51,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            _checks.integer(name, getattr(self, name), 1)
         for name in ("warmup_steps", "eval_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            _checks.integer(name, getattr(self, name), 0)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "time_limit"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _checks.real(name, getattr(self, name), low=0.0)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr must be <= lr={self.lr}, got {self.min_lr}")
 

@@ -34,8 +34,9 @@ SKIP_PATHS = {"bench/results"}
 SKIP_SUFFIXES = {".pyc", ".ipynb", ".nbi", ".nbc", ".npz", ".npy"}
 CITING_DIRS = ("rt_numpy", "tests", "tutorials", "bench", "docs")
 WEB_SCHEMES = {"http", "https", "mailto"}
-OLD_NAMES = ("../shared", "SPEC.md", "DESIGN.md")
-OLD_NAMES_ALLOWED = {"CHANGELOG.md", "tests/test_links.py"}
+# The notes kept outside the repository before docs/ held their text.  Spelt in pieces so that
+# this file does not name them either, and needs no exception.
+OLD_NAMES = ("/".join(("..", "shared")), "SPEC" + ".md", "DESIGN" + ".md")
 
 
 def _rel(path):
@@ -255,7 +256,7 @@ def test_cited_sections_exist(path):
 # --------------------------------------------------------------------------------------------
 # The old documents outside the repository are cited nowhere
 
-@pytest.mark.parametrize("path", [p for p in ALL_FILES if _rel(p) not in OLD_NAMES_ALLOWED], ids=_rel)
+@pytest.mark.parametrize("path", ALL_FILES, ids=_rel)
 def test_no_old_document_names(path):
     text = _text(path)
     if text is None:
