@@ -160,6 +160,26 @@ def test_local_equals_band_mask_reference(block_size, look_back, self_attend, T)
 
 
 @pytest.mark.parametrize("self_attend", A.SELF_ATTEND)
+def test_local_short_last_block_gradients(self_attend):
+    """T=7, L=3: the padded last block passes the band-mask form's gradients, and finite differences agree."""
+    q, k, v = _qkv(T=7, seed=5)
+    pos = np.arange(7)
+    visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] // 3 >= pos[:, None] // 3 - 1)
+    w = _normal(q.shape, 6)
+
+    def local(q, k, v):
+        return (A.local_attention(q, k, v, block_size=3, look_back=1, self_attend=self_attend) * w).sum()
+
+    def band(q, k, v):
+        self_mask = (pos[None, :] == pos[:, None]) if self_attend == "last_resort" else None
+        return (A.masked_attention(q, k, v, visible, scale=0.5, self_mask=self_mask) * w).sum()
+
+    for got, want in zip(grad(local, (0, 1, 2))(q, k, v), grad(band, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+    check_grads(local, (0, 1, 2), modes=["rev"], order=1)(q, k, v)
+
+
+@pytest.mark.parametrize("self_attend", A.SELF_ATTEND)
 @pytest.mark.parametrize("logits,shared_qk,use_mem", WITH_MEM)
 def test_routing_equals_loop_reference(logits, shared_qk, self_attend, use_mem):
     """Balanced routing with K=3 overlapping windows against the loop reference, windows from kmeans."""
