@@ -167,7 +167,7 @@ def reference(q, k, v, means, *, window_size=None, upstream, shared_qk=True, nor
     options = {"window_size": window_size, "shared_qk": bool(shared_qk), "norm": norm, "logits": logits,
                "membership": membership, "self_attend": self_attend, "combine_eps": combine_eps,
                "commitment": commitment, "commitment_qk": commitment_qk}
-    _checks.choice("centroid_update", centroid_update, kmeans.UPDATES)
+    _checks.choice("centroid_update", centroid_update, kmeans.CENTROID_UPDATES)
     state = kmeans.state_from_means(means) if state is None else state
     kmeans.check_state(state)
     if state["means"].shape != means.shape or not np.array_equal(state["means"], means):

@@ -31,7 +31,7 @@ from rt_numpy import _checks, backend, ops
 
 NORMS = ("ln", "l2")
 INITS = ("normal", "data")
-UPDATES = ("ema", "spherical", "paper")
+CENTROID_UPDATES = ("ema", "spherical", "paper")
 COMMITMENT_QK = ("sum", "mean")
 LN_EPS = 1e-6  # inside the square root of the parameter-free layer norm (official code)
 L2_EPS = 1e-12  # smallest norm divided by (PyTorch port)
@@ -426,7 +426,7 @@ def update_state(state, stats, *, centroid_update="ema", ema_decay=0.999, laplac
     count near ``laplace_eps``, so its mean ``s / n~`` becomes very large: this is the
     official behaviour, and it is what pulls points into empty clusters.
     """
-    _checks.choice("centroid_update", centroid_update, UPDATES)
+    _checks.choice("centroid_update", centroid_update, CENTROID_UPDATES)
     _checks.choice("norm", norm, NORMS)
     H, K, D = check_state(state)
     ema_decay = _checks.real("ema_decay", ema_decay, low=0.0, high=1.0, high_open=True)

@@ -84,7 +84,7 @@ class Config:
             raise ValueError(f"window_size must be <= seq_len={self.seq_len}, got {self.window_size}")
         choices = {"pos_encoding": POS_ENCODINGS, "norm": kmeans.NORMS, "logits": attention.LOGITS,
                    "membership": attention.MEMBERSHIP, "self_attend": attention.SELF_ATTEND,
-                   "commitment_qk": kmeans.COMMITMENT_QK, "centroid_update": kmeans.UPDATES,
+                   "commitment_qk": kmeans.COMMITMENT_QK, "centroid_update": kmeans.CENTROID_UPDATES,
                    "dtype": ("float32", "float64")}
         for name, options in choices.items():
             _checks.choice(name, getattr(self, name), options)
