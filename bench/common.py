@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from rt_numpy.compare import print_table  # noqa: F401  (one Markdown table printer, shared)
+
 
 def median_ms(fn, repeats, warmup=2):
     """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls."""
@@ -67,16 +69,6 @@ def machine_line():
     if env:
         parts.append(" ".join(env))
     return "; ".join(parts)
-
-
-def print_table(headers, rows):
-    """Print rows (lists of strings) under headers as a Markdown table."""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    fmt = "| " + " | ".join(f"{{:{w}}}" for w in widths) + " |"
-    print(fmt.format(*headers))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(fmt.format(*r))
 
 
 def record(records, impl, case, metric, value, unit):

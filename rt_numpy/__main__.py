@@ -1,4 +1,4 @@
-"""Command line: ``python -m rt_numpy demo|train|sample|eval|kmeans-demo`` (also the console script ``rt-numpy``).
+"""Command line: ``python -m rt_numpy demo|train|sample|eval|kmeans-demo|compare`` (console script ``rt-numpy``).
 
 * ``demo`` - the main job: train the ``small`` preset on the default corpus
   (text that ships with Python), report held-out bits per byte, print a sample
@@ -7,6 +7,8 @@
 * ``sample`` - generate text from a checkpoint.
 * ``eval`` - held-out bits per byte of a checkpoint.
 * ``kmeans-demo`` - online k-means alone, on vectors around hidden directions.
+* ``compare`` - the paper's comparison in miniature: the same model with routing,
+  local, strided, LSH or dense attention, on text, recall and images (docs/results.md).
 """
 from __future__ import annotations
 
@@ -188,6 +190,12 @@ def main(argv=None) -> int:
     p.add_argument("--impl", choices=backend.IMPLS, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_kmeans_demo)
+
+    from rt_numpy import compare
+
+    p = sub.add_parser("compare", help="routing against local, strided, LSH and dense attention (docs/results.md)")
+    compare.add_arguments(p)
+    p.set_defaults(func=compare.run_from_args)
 
     args = parser.parse_args(argv)
     if getattr(args, "device", "cpu") == "gpu":

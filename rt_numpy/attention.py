@@ -31,12 +31,13 @@ import numpy as np
 from autograd.extend import defvjp_argnums, primitive
 from autograd.tracer import getval
 
-from rt_numpy import _checks, backend, kmeans, ops
+from rt_numpy import _checks, backend, baselines, kmeans, ops
 from rt_numpy.kernels import SELF_LOGIT  # -5e4, the "last resort" self logit (PyTorch port, Reformer)
 
 SELF_ATTEND = ("allow", "last_resort")
 LOGITS = ("normalized", "scaled")
 MEMBERSHIP = ("balanced", "nearest")
+HEAD_KINDS = ("routing", "strided", "lsh", "dense")  # what the non-local heads of a layer compute
 
 
 # --------------------------------------------------------------------------- the core
@@ -288,10 +289,7 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
             stats = kmeans.cluster_stats([getval(x) for x in streams], mu)
 
         # 3. The vectors the logits are made of (docs/algorithm.md#14-attention-inside-a-cluster).
-        if logits == "normalized":
-            q_logit, k_logit, scale = qn, kn, 1.0
-        else:
-            q_logit, k_logit, scale = q, ops.l2_normalize(q) if shared_qk else k, 1.0 / math.sqrt(q.shape[-1])
+        q_logit, k_logit, scale = logit_vectors(q, k, qn, kn, logits, shared_qk)
 
         # 4. Attend inside the clusters and 5. combine back to positions by a scatter-mean
         #    (docs/algorithm.md#15-combine).
@@ -315,6 +313,18 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         loss = kmeans.commitment_loss(committed, mu, commitment=commitment, commitment_qk=commitment_qk,
                                       assignments=assigned)
     return out, loss, stats
+
+
+def logit_vectors(q, k, qn, kn, logits, shared_qk):
+    """The vectors the logits are made of, and their factor (docs/algorithm.md#14-attention-inside-a-cluster).
+
+    ``"normalized"``: the routing-normalised ``qn`` and ``kn``, factor 1.  ``"scaled"``: the raw q
+    against the keys (with shared QK, the L2-normalised queries), factor ``1 / sqrt(D)``.
+    Returns ``(q_logit, k_logit, scale)``.
+    """
+    if logits == "normalized":
+        return qn, kn, 1.0
+    return q, ops.l2_normalize(q) if shared_qk else k, 1.0 / math.sqrt(getval(q).shape[-1])
 
 
 def gather_windows(x, windows):
@@ -437,8 +447,9 @@ def apply_rotary(x, cos, sin):
 
 
 def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_size=None, block_size,
-                        look_back=1, shared_qk=True, self_attend="allow", rotary=None, impl="auto", **routing):
-    """One attention layer: routing heads and local heads side by side, then the output projection.
+                        look_back=1, shared_qk=True, self_attend="allow", rotary=None, impl="auto",
+                        kind="routing", stride=None, rotations=None, trace=None, **routing):
+    """One attention layer: routing (or baseline) heads and local heads side by side, then the output projection.
 
     Parameters
     ----------
@@ -461,9 +472,21 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
         Rotary position embedding applied to queries and keys of every head
         before routing (the PyTorch port's positions); see
         :func:`rt_numpy.model.rotary_tables`.
+    kind : {"routing", "strided", "lsh", "dense"}
+        What the first ``n_route_heads`` heads compute: routing attention, or
+        one of the paper's baselines (:mod:`rt_numpy.baselines`) in their place.
+    stride : int
+        S of ``kind="strided"``.
+    rotations : array (n_route_heads, n_hashes, D, K/2)
+        The fixed rotations of ``kind="lsh"`` (its chunks are ``window_size`` long).
     **routing
         Further options of :func:`routing_attention` (``norm``, ``logits``,
-        ``membership``, ``combine_eps``, ``commitment``, ``commitment_qk``).
+        ``membership``, ``combine_eps``, ``commitment``, ``commitment_qk``);
+        LSH heads read ``norm`` and ``logits``.
+    trace : dict, optional
+        Receives the layer's per-head ``q`` and ``k`` (B, H, T, D), plain
+        arrays after the rotary embedding, for who-sees-whom measurements
+        (:mod:`rt_numpy.baselines`).
 
     Returns
     -------
@@ -478,6 +501,9 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
     docs/algorithm.md#4-layers-and-heads; paper section 4.2 (routing and local heads mixed).
     """
     H, Hr = _check_multihead_args(x, params, num_heads, n_route_heads, shared_qk, impl)
+    _checks.choice("kind", kind, HEAD_KINDS)
+    if kind == "lsh" and not shared_qk:
+        raise ValueError("kind='lsh' hashes shared queries and keys: use it with shared_qk=True")
     with backend.use_impl(impl, backend.get_array_module(getval(x))):
         q = ops.split_heads(ops.matmul(x, params["w_q"]), H)  # (B, T, C) @ (C, C) -> (B, H, T, D)
         k = q if shared_qk else ops.split_heads(ops.matmul(x, params["w_k"]), H)
@@ -485,14 +511,26 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
         if rotary is not None:
             q = apply_rotary(q, *rotary)
             k = q if shared_qk else apply_rotary(k, *rotary)
+        if trace is not None:
+            trace.update(q=getval(q), k=getval(k))
         parts, loss, stats = [], 0.0, None
         if Hr:
             def route_heads(t):
                 return ops.slice_axis(t, 0, Hr, axis=1)  # (B, H, T, D) -> (B, Hr, T, D)
 
-            out, loss, stats = routing_attention(route_heads(q), route_heads(k), route_heads(v), means,
-                                                 window_size=window_size, shared_qk=shared_qk,
-                                                 self_attend=self_attend, impl=impl, **routing)
+            qh, kh, vh = route_heads(q), route_heads(k), route_heads(v)
+            if kind == "routing":
+                out, loss, stats = routing_attention(qh, kh, vh, means, window_size=window_size,
+                                                     shared_qk=shared_qk, self_attend=self_attend, impl=impl,
+                                                     **routing)
+            elif kind == "strided":
+                out = baselines.strided_attention(qh, kh, vh, stride=stride, self_attend=self_attend)
+            elif kind == "lsh":
+                out = baselines.lsh_attention(qh, kh, vh, rotations, window_size=window_size, self_attend=self_attend,
+                                              norm=routing.get("norm", "ln"),
+                                              logits=routing.get("logits", "normalized"))
+            else:
+                out = dense_causal_attention(qh, kh, vh, self_attend=self_attend)
             parts.append(out)
         if Hr < H:
             def local_heads(t):

@@ -458,3 +458,70 @@ def recall_accuracy(logits_or_pred: np.ndarray, y: np.ndarray, mask: np.ndarray)
     if not mask.any():
         raise ValueError("mask must mark at least one position, got an all-False mask")
     return float((pred[mask] == y[mask]).mean())
+
+
+# --------------------------------------------------------------------------- images
+IMAGE_LEVELS = 17
+"""Intensity levels of :func:`digit_images`: the 0..16 of scikit-learn's digits."""
+
+IMAGE_START = IMAGE_LEVELS
+"""The token before an image's first pixel (an id no pixel has)."""
+
+
+def digit_images(n_images: int, *, split: str, rng: np.random.Generator, tiles=(4, 4),
+                 n_train_digits: int = 1500) -> tuple[np.ndarray, str]:
+    """Images of a grid of handwritten digits, raster-scanned, for a bits/dim task.
+
+    The 1797 8x8 digits of scikit-learn (``sklearn.datasets.load_digits``, shipped in
+    its wheel: the UCI "optical recognition of handwritten digits" test set, 17 grey
+    levels) are cut in two by index: the first ``n_train_digits`` for ``split="train"``,
+    the rest for ``split="held_out"``, so that no held-out image shares a digit with a
+    training image.  Each image is ``rows x cols`` digits drawn with ``rng``, placed on
+    a grid of (8 rows) x (8 cols) pixels and read row by row.
+
+    Parameters
+    ----------
+    n_images : int
+    split : {"train", "held_out"}
+    rng : np.random.Generator
+        Which digits fill each image.
+    tiles : tuple (rows, cols)
+        Digits down and across: (4, 4) gives 32 x 32 = 1024 pixels, (3, 6) 24 x 48 = 1152.
+    n_train_digits : int
+        Where the digits are cut, 1 <= n_train_digits < 1797.
+
+    Returns
+    -------
+    pixels : ndarray of int64, shape (n_images, 64 rows cols)
+        Intensities in ``[0, IMAGE_LEVELS)``.
+    sha256 : str
+        Hex digest of the whole digits array (uint8, 1797 x 64), the data's provenance.
+    """
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+        raise ValueError(f"n_images must be a positive integer, got {n_images!r}")
+    if (not isinstance(tiles, tuple) or len(tiles) != 2
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in tiles)):
+        raise ValueError(f"tiles must be a pair (rows, cols) of positive integers, got {tiles!r}")
+    rows, cols = tiles
+    digits = load_digits().images.astype(np.uint8)  # (1797, 8, 8), values 0..16
+    if not 1 <= n_train_digits < len(digits):
+        raise ValueError(f"n_train_digits must be in [1, {len(digits) - 1}], got {n_train_digits}")
+    sha = hashlib.sha256(digits.tobytes()).hexdigest()
+    pool = digits[:n_train_digits] if split == "train" else digits[n_train_digits:]
+    picks = pool[rng.integers(0, len(pool), size=(n_images, rows, cols))]  # (N, rows, cols, 8, 8)
+    grid = picks.transpose(0, 1, 3, 2, 4).reshape(n_images, 64 * rows * cols)  # (N, 8 rows, 8 cols) read by rows
+    return grid.astype(np.int64), sha
+
+
+def image_batch(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets of next-pixel prediction: x = [start, p_0 .. p_{T-2}], y = [p_0 .. p_{T-1}].
+
+    pixels (B, T) -> x, y (B, T); every pixel is a target once, the first one after ``IMAGE_START``.
+    """
+    pixels = np.asarray(pixels, dtype=np.int64)
+    start = np.full((pixels.shape[0], 1), IMAGE_START, dtype=np.int64)
+    return np.concatenate([start, pixels[:, :-1]], axis=1), pixels

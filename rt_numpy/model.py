@@ -24,7 +24,7 @@ import math
 import numpy as np
 from autograd.tracer import getval
 
-from rt_numpy import _checks, attention, backend, kmeans, ops
+from rt_numpy import _checks, attention, backend, baselines, kmeans, ops
 
 POS_ENCODINGS = ("learned", "rotary")
 
@@ -44,6 +44,9 @@ class Config:
     num_heads: int = 4  # H; head dim D = C / H
     n_route_heads: int = 2  # routing heads in each routing layer; the rest are local
     n_route_layers: int = 1  # routing only in the last n_route_layers layers
+    attention: str = "routing"  # what those heads compute: routing, or a baseline: strided, lsh, dense
+    n_hashes: int = 1  # hash rounds of attention="lsh" (buckets: num_clusters, chunks: window_size)
+    lsh_seed: int = 0  # seed of the fixed LSH rotations (layer i draws from lsh_seed + i)
     num_clusters: int = 4  # K
     window_size: int = 64  # W, tokens per cluster
     block_size: int = 64  # L, local attention block
@@ -72,6 +75,8 @@ class Config:
         _checks.integer("look_back", self.look_back, 0)
         _checks.integer("n_route_heads", self.n_route_heads, 0)
         _checks.integer("n_route_layers", self.n_route_layers, 0)
+        _checks.integer("n_hashes", self.n_hashes, 1)
+        _checks.integer("lsh_seed", self.lsh_seed, 0)
         if self.width % self.num_heads:
             raise ValueError(f"width must be a multiple of num_heads={self.num_heads}, got {self.width}")
         if self.n_route_heads > self.num_heads:
@@ -85,12 +90,15 @@ class Config:
         choices = {"pos_encoding": POS_ENCODINGS, "norm": kmeans.NORMS, "logits": attention.LOGITS,
                    "membership": attention.MEMBERSHIP, "self_attend": attention.SELF_ATTEND,
                    "commitment_qk": kmeans.COMMITMENT_QK, "centroid_update": kmeans.CENTROID_UPDATES,
-                   "dtype": ("float32", "float64")}
+                   "dtype": ("float32", "float64"), "attention": attention.HEAD_KINDS}
         for name, options in choices.items():
             _checks.choice(name, getattr(self, name), options)
         if self.pos_encoding == "rotary" and self.head_dim % 2:
             raise ValueError(f"pos_encoding='rotary' needs an even head dim, got width/num_heads = "
                              f"{self.width}/{self.num_heads} = {self.head_dim}")
+        if self.attention == "lsh" and (not self.shared_qk or self.num_clusters % 2 or self.num_clusters < 2):
+            raise ValueError(f"attention='lsh' needs shared_qk=True and an even num_clusters >= 2 (its buckets), "
+                             f"got shared_qk={self.shared_qk}, num_clusters={self.num_clusters}")
         for name in ("shared_qk", "tie_embeddings"):
             _checks.boolean(name, getattr(self, name))
         _checks.real("dropout", self.dropout, 0.0, 1.0, high_open=True)
@@ -102,9 +110,19 @@ class Config:
     def head_dim(self):
         return self.width // self.num_heads
 
-    def is_routing_layer(self, layer):
-        """Routing happens only in the last ``n_route_layers`` layers (docs/algorithm.md#4-layers-and-heads)."""
+    @property
+    def stride(self):
+        """S of ``attention="strided"``: T / W, so that a class has W tokens, as a routing cluster."""
+        return max(1, self.seq_len // self.window_size)
+
+    def is_sparse_layer(self, layer):
+        """Only the last ``n_route_layers`` layers have ``n_route_heads`` routing (or baseline) heads
+        (docs/algorithm.md#4-layers-and-heads)."""
         return self.n_route_heads > 0 and layer >= self.n_layers - self.n_route_layers
+
+    def is_routing_layer(self, layer):
+        """Layers with routing heads, which keep a k-means state."""
+        return self.attention == "routing" and self.is_sparse_layer(layer)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -202,7 +220,7 @@ def _dropout(x, rate, rng):
     return ops.multiply(x, ops.scale(keep, 1.0 / (1.0 - rate)))
 
 
-def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto"):
+def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=None):
     """Logits of the next byte at every position.
 
     Parameters
@@ -218,6 +236,9 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto"):
         Dropout randomness; None = evaluation (no dropout).
     impl : {"auto", "ref", "numba", "cupy"}
         Runs for the whole call, forward and backward (docs/design.md#choosing-an-implementation).
+    trace : dict, optional
+        Receives ``{"h{i}": {"q": ..., "k": ...}}``, every layer's per-head
+        queries and keys (B, H, T', D), as plain arrays.
 
     Returns
     -------
@@ -256,7 +277,8 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto"):
         commitment, stats = 0.0, {}
         for i in range(cfg.n_layers):
             means = kmeans_states[f"h{i}"]["means"] if cfg.is_routing_layer(i) else None
-            x, layer_loss, layer_stats = block(x, params, i, cfg, means, rotary=rotary, rng=rng)
+            layer_trace = None if trace is None else trace.setdefault(f"h{i}", {})
+            x, layer_loss, layer_stats = block(x, params, i, cfg, means, rotary=rotary, rng=rng, trace=layer_trace)
             if layer_stats is not None:
                 commitment = ops.add(commitment, layer_loss)
                 stats[f"h{i}"] = layer_stats
@@ -266,7 +288,15 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto"):
     return logits, {"commitment": commitment, "stats": stats}
 
 
-def block(x, params, i, cfg, means, *, rotary=None, rng=None):
+def lsh_rotations(cfg, i):
+    """The fixed rotations of layer ``i``'s LSH heads (None unless ``cfg.attention == "lsh"``)."""
+    if cfg.attention != "lsh" or not cfg.is_sparse_layer(i):
+        return None
+    return baselines.lsh_rotations(cfg.n_route_heads, cfg.head_dim, cfg.num_clusters, n_hashes=cfg.n_hashes,
+                                   seed=cfg.lsh_seed + i, dtype=np.dtype(cfg.dtype))
+
+
+def block(x, params, i, cfg, means, *, rotary=None, rng=None, trace=None):
     """Transformer block ``i``, pre-LN: ``x + attention(LN(x))``, then ``x + MLP(LN(x))``.
 
     Parameters
@@ -282,6 +312,8 @@ def block(x, params, i, cfg, means, *, rotary=None, rng=None):
     rotary : tuple (cos, sin) of arrays (T, D), optional
     rng : numpy.random.Generator, optional
         Dropout randomness; None = no dropout.
+    trace : dict, optional
+        Receives the layer's queries and keys (:func:`rt_numpy.attention.multihead_attention`).
 
     Returns
     -------
@@ -301,11 +333,12 @@ def block(x, params, i, cfg, means, *, rotary=None, rng=None):
     h = ops.layer_norm(x, params[p + "ln1.g"], params[p + "ln1.b"])
     weights = {w: params[p + "attn." + w] for w in ("w_q", "w_k", "w_v", "w_o") if p + "attn." + w in params}
     y, loss, stats = attention.multihead_attention(
-        h, weights, means, num_heads=cfg.num_heads, n_route_heads=cfg.n_route_heads if means is not None else 0,
+        h, weights, means, num_heads=cfg.num_heads, n_route_heads=cfg.n_route_heads if cfg.is_sparse_layer(i) else 0,
         window_size=min(cfg.window_size, T), block_size=cfg.block_size, look_back=cfg.look_back,
-        shared_qk=cfg.shared_qk, self_attend=cfg.self_attend, rotary=rotary, norm=cfg.norm, logits=cfg.logits,
+        shared_qk=cfg.shared_qk, self_attend=cfg.self_attend, rotary=rotary, kind=cfg.attention,
+        stride=cfg.stride, rotations=lsh_rotations(cfg, i), norm=cfg.norm, logits=cfg.logits,
         membership=cfg.membership, combine_eps=cfg.combine_eps, commitment=cfg.commitment,
-        commitment_qk=cfg.commitment_qk)
+        commitment_qk=cfg.commitment_qk, trace=trace)
     x = ops.add(x, _dropout(y, cfg.dropout, rng))
     h = ops.layer_norm(x, params[p + "ln2.g"], params[p + "ln2.b"])
     h = ops.gelu(ops.add(ops.matmul(h, params[p + "mlp.w_in"]), params[p + "mlp.b_in"]))  # (B, T, C) -> (B, T, F)

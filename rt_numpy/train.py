@@ -27,7 +27,7 @@ import autograd
 import numpy as np
 from autograd.tracer import getval
 
-from rt_numpy import _checks, backend, data, model, optim
+from rt_numpy import _checks, backend, data, model, ops, optim
 
 CHECKPOINT_VERSION = 1
 
@@ -64,19 +64,29 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- one step
-def train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, step, rng, impl="auto"):
+def train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, step, rng, impl="auto", mask=None):
     """One optimisation step; returns ``(params, opt_state, kmeans_states, metrics)``.
 
     ``x``, ``y`` (B, T) int arrays: inputs and next-byte targets, copied to the
-    device of the parameters if needed.  ``rng`` drives dropout.  ``metrics`` holds
-    ``loss``, ``cross_entropy``, ``commitment``, ``grad_norm`` and ``lr`` as Python floats.
+    device of the parameters if needed.  ``rng`` drives dropout.  ``mask`` (B, T)
+    bool, optional: the cross-entropy counts only these targets (the answers of a
+    recall task); None counts every one.  ``metrics`` holds ``loss``,
+    ``cross_entropy``, ``commitment``, ``grad_norm`` and ``lr`` as Python floats.
     """
     captured = {}
     xp = backend.get_array_module(params["wte"])
     x, y = xp.asarray(x), xp.asarray(y)  # the batch goes where the parameters are
+    dropout_rng = rng if cfg.dropout > 0 else None
 
     def objective(p):
-        total, aux = model.loss(p, x, y, cfg, kmeans_states, rng=rng if cfg.dropout > 0 else None, impl=impl)
+        if mask is None:
+            total, aux = model.loss(p, x, y, cfg, kmeans_states, rng=dropout_rng, impl=impl)
+        else:
+            rows = xp.asarray(np.flatnonzero(np.asarray(mask).reshape(-1)))  # (N,) flat indices of the targets
+            logits, aux = model.forward(p, x, cfg, kmeans_states, rng=dropout_rng, impl=impl)  # (B, T, V)
+            picked = ops.gather_rows(ops.reshape(logits, (-1, cfg.vocab_size)), rows)  # (N, V)
+            aux["cross_entropy"] = ops.cross_entropy(picked, y.reshape(-1)[rows])
+            total = ops.add(aux["cross_entropy"], aux["commitment"])
         captured.update(aux)
         return total
 
@@ -106,7 +116,7 @@ def evaluate(params, kmeans_states, cfg, split, *, batch_size, max_batches=None,
             break
         x, y = xp.asarray(x), xp.asarray(y)
         logits, _ = model.forward(params, x, cfg, kmeans_states, impl=impl)
-        total += float(getval(model.ops.cross_entropy(logits, y))) * y.size
+        total += float(getval(ops.cross_entropy(logits, y))) * y.size
         count += y.size
     if count == 0:
         raise ValueError(f"the split ({len(split)} bytes) is too short for one window of seq_len={cfg.seq_len}")
