@@ -10,7 +10,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 IMPLS = {"rt_numpy-ref", "rt_numpy-numba", "rt_numpy-cupy", "sklearn", "routing_transformer", "torch-sdpa", "numpy"}
 
 
-@pytest.mark.parametrize("script", ["kmeans.py", "recall.py"])
+@pytest.mark.parametrize("script", ["kmeans.py", "recall.py", "arms.py"])
 def test_bench_quick_writes_records(script, tmp_path):
     out = tmp_path / "records.json"
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--json", str(out)],
