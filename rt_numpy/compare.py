@@ -489,6 +489,7 @@ def add_arguments(p):
     p.add_argument("--window", type=int, help="W of routing and strided heads (LSH chunks: W / 2)")
     p.add_argument("--block", type=int, help="L of the local heads")
     p.add_argument("--clusters", type=int, help="K (default: T / W, rounded to an even number)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per step (default 4)")
     p.add_argument("--quick", action="store_true", help="tiny models, 3 steps: a smoke test, no claim")
     p.add_argument("--json", metavar="PATH", help="write the records as JSON (after each task)")
     p.add_argument("--out", default="runs/compare", help="directory of the plots ('' for none)")
@@ -509,6 +510,8 @@ def run_from_args(args):
         changes["block_size"] = args.block
     if args.clusters is not None:
         changes["num_clusters"] = args.clusters
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
     settings = dataclasses.replace(settings, **changes)
     tasks = _names("tasks", args.tasks, TASKS)
     arms = _names("arms", args.arms, ARMS)
