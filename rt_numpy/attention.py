@@ -484,9 +484,9 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
         ``membership``, ``combine_eps``, ``commitment``, ``commitment_qk``);
         LSH heads read ``norm`` and ``logits``.
     trace : dict, optional
-        Receives the layer's per-head ``q`` and ``k`` (B, H, T, D), plain
-        arrays after the rotary embedding, for who-sees-whom measurements
-        (:mod:`rt_numpy.baselines`).
+        Receives the layer's per-head ``q``, ``k`` and ``v`` (B, H, T, D),
+        plain arrays after the rotary embedding, for who-sees-whom
+        measurements (:mod:`rt_numpy.baselines`, :mod:`rt_numpy.introspect`).
 
     Returns
     -------
@@ -512,7 +512,7 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
             q = apply_rotary(q, *rotary)
             k = q if shared_qk else apply_rotary(k, *rotary)
         if trace is not None:
-            trace.update(q=getval(q), k=getval(k))
+            trace.update(q=getval(q), k=getval(k), v=getval(v))
         parts, loss, stats = [], 0.0, None
         if Hr:
             def route_heads(t):

@@ -237,8 +237,8 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=Non
     impl : {"auto", "ref", "numba", "cupy"}
         Runs for the whole call, forward and backward (docs/design.md#choosing-an-implementation).
     trace : dict, optional
-        Receives ``{"h{i}": {"q": ..., "k": ...}}``, every layer's per-head
-        queries and keys (B, H, T', D), as plain arrays.
+        Receives ``{"h{i}": {"q": ..., "k": ..., "v": ...}}``, every layer's
+        per-head queries, keys and values (B, H, T', D), as plain arrays.
 
     Returns
     -------
