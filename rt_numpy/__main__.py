@@ -1,4 +1,4 @@
-"""Command line: ``python -m rt_numpy demo|train|sample|eval|kmeans-demo|compare`` (console script ``rt-numpy``).
+"""Command line: ``python -m rt_numpy <command>`` (console script ``rt-numpy``); the commands:
 
 * ``demo`` - the main job: train the ``small`` preset on the default corpus
   (text that ships with Python), report held-out bits per byte, print a sample
@@ -7,6 +7,7 @@
 * ``sample`` - generate text from a checkpoint.
 * ``eval`` - held-out bits per byte of a checkpoint.
 * ``kmeans-demo`` - online k-means alone, on vectors around hidden directions.
+* ``certify`` - the causality certificate of a checkpoint (:mod:`rt_numpy.causality`).
 * ``compare`` - the paper's comparison in miniature: the same model with routing,
   local, strided, LSH or dense attention, on text, recall and images (docs/results.md).
 """
@@ -95,6 +96,24 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_certify(args):
+    from rt_numpy import causality, model, train
+
+    state = train.load_checkpoint(args.checkpoint)
+    cfg, tcfg = state["cfg"], state["tcfg"]
+    raw, _ = data.load_corpus(tcfg.corpus)
+    x, _ = next(data.eval_batches(data.split(raw)["val"], args.windows, cfg.seq_len))  # held-out windows
+
+    def logits(ids):
+        return np.asarray(model.forward(state["params"], ids, cfg, state["kmeans_states"], impl=args.impl)[0])
+
+    cert = causality.certify(logits, x, rng=np.random.default_rng(args.seed), vocab_size=cfg.vocab_size,
+                             n_positions=args.positions)
+    print(f"checkpoint {args.checkpoint} (step {state['step']}), {len(x)} held-out windows of {cfg.seq_len} bytes")
+    print(cert)
+    return 0 if cert.passed else 1
+
+
 def _clustered_points(rng, batch, heads, length, dim, centers):
     """Vectors scattered around ``centers`` (H, K, D): returns (B, H, T, D)."""
     H, K, D = centers.shape
@@ -177,6 +196,14 @@ def main(argv=None) -> int:
         else:
             p.add_argument("--max-batches", dest="max_batches", type=int, default=None)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("certify", help="does a checkpoint's output at i depend on bytes after i? (exit 1 if so)")
+    p.add_argument("checkpoint", help="path of checkpoint (with or without .npz/.json)")
+    p.add_argument("--windows", type=int, default=4, help="held-out windows to test")
+    p.add_argument("--positions", type=int, default=32, help="positions i tested in each window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--impl", choices=backend.IMPLS, default="auto")
+    p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("kmeans-demo", help="online k-means on clustered vectors")
     p.add_argument("--steps", type=int, default=300)

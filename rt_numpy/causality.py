@@ -67,10 +67,12 @@ class Certificate:
 
     def __str__(self):
         verdict = "causal" if self.passed else "NOT causal"
-        lines = [f"{verdict}: worst relative change at positions <= i is {self.worst:.3g} (tolerance {self.tol:.1g})"]
+        lines = [f"{verdict}: worst change at positions <= i is {self.worst:.3g} of the largest output "
+                 f"|y| = {self.scale:.3g} (tolerance {self.tol:.1g})"]
         for name, values in self.leak.items():
             share = float(np.mean(values > self.tol * self.scale))
-            lines.append(f"  {name:6s}: max {float(values.max()) / self.scale:.3g}, {share:.0%} of positions fail")
+            lines.append(f"  {name:6s}: max {float(values.max()) / self.scale:.3g}, median "
+                         f"{float(np.median(values)) / self.scale:.3g}, {share:.0%} of positions fail")
         return "\n".join(lines)
 
 

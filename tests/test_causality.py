@@ -121,3 +121,18 @@ def test_bad_input_is_named(kwargs, exc, pattern):
     fn, x = args.pop("fn"), args.pop("x")
     with pytest.raises(exc, match=pattern):
         causality.certify(fn, x, **args)
+
+
+def test_certify_command_on_a_balanced_routing_checkpoint(tmp_path):
+    """`python -m rt_numpy certify` exits 1 with the report for the tiny preset (balanced routing)."""
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "rt_numpy"]
+    trained = subprocess.run(run + ["train", "--preset", "tiny", "--steps", "5", "--out", str(tmp_path),
+                                    "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    result = subprocess.run(run + ["certify", str(tmp_path / "checkpoint"), "--windows", "2", "--positions", "8"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "NOT causal" in result.stdout and "evict" in result.stdout
