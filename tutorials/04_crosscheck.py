@@ -25,7 +25,8 @@
 # 4. the same with the implementation most people use, the PyTorch port (`routing-transformer`
 #    1.6.1), as the worked example (skipped, with a message, when torch is not installed);
 # 5. what each **convention** difference between the official code and the port does to the numbers;
-# 6. the **golden vectors** in `tests/golden/`, for a check with no Python in common at all.
+# 6. the **golden vectors** in `tests/golden/`, for a check with no Python in common at all;
+# 7. **is it causal?** A certificate for any attention callable, run on rt_numpy and on the port.
 #
 # The worked example of steps 1-3 is a from-scratch NumPy implementation written here, so the
 # notebook runs to the end without torch. Letters as in docs/algorithm.md#alphabet: q, k, v are (B, H, T, D),
@@ -371,3 +372,42 @@ else:
 #   float64 first.
 # * With `port_conventions`, rt_numpy equals the PyTorch port to rounding (1e-10 in float64 here,
 #   1e-15 in practice); with the official defaults it does not, by design: section 5 shows by how much.
+
+# %% [markdown]
+# ## 7. Is it causal?
+#
+# A causal mask hides later keys, but a content-based selection can still look ahead: with balanced
+# membership a later token can evict an earlier one from its cluster (docs/algorithm.md#3-the-causal-leak).
+# `causality.certify(fn, x, rng=...)` tests the property on any callable from NumPy to NumPy. For
+# positions i it changes the inputs after i (one token, the whole suffix, copies of earlier tokens that
+# compete for their clusters) and reports how far the outputs at positions ≤ i move. Here it checks
+# rt_numpy's two memberships and, when torch is installed, the port's `KmeansAttention` through a
+# wrapper that converts both ways.
+
+# %%
+from rt_numpy import attention, causality  # noqa: E402
+
+
+def ours(membership):
+    return lambda q_: attention.routing_attention(q_, None, v, means, window_size=W, membership=membership,
+                                                  impl="ref")[0]
+
+
+rng_c = np.random.default_rng(7)
+for membership in ("nearest", "balanced"):
+    cert = causality.certify(ours(membership), q, rng=rng_c, time_axis=2)
+    print(f"rt_numpy, membership={membership!r}: {cert}\n")
+    assert cert.passed == (membership == "nearest")
+
+if HAVE_PORT:
+    def port_attention(q_):
+        module = KmeansAttention(K, W, H, D, causal=True, shared_qk=True, dropout=0.0).double().eval()
+        module.kmeans.means.data.copy_(torch.from_numpy(means))
+        module.kmeans.initted.data.fill_(True)
+        with torch.no_grad():
+            tq, tv = torch.from_numpy(q_), torch.from_numpy(v)
+            return module(tq, tq, tv)[0].numpy()
+
+    cert = causality.certify(port_attention, q, rng=rng_c, time_axis=2)
+    print(f"the PyTorch port's KmeansAttention(causal=True): {cert}")
+    assert not cert.passed  # the port trains with balanced membership too: the same leak
