@@ -362,18 +362,6 @@ else:
     print("tests/golden/ not found next to the installed package: skipped (run from a source checkout).")
 
 # %% [markdown]
-# ## Summary
-#
-# * `crosscheck.reference(...)` gives every intermediate a framework author wants, with documented
-#   names (`crosscheck.NAMES`); `save`/`load` keep them in an `.npz` without pickles.
-# * `crosscheck.assert_close(expected, yours, rtol=...)` names the arrays that differ; windows are
-#   compared as sets, integers exactly.
-# * Set the centroids explicitly, match the conventions, use a random upstream gradient, compare in
-#   float64 first.
-# * With `port_conventions`, rt_numpy equals the PyTorch port to rounding (1e-10 in float64 here,
-#   1e-15 in practice); with the official defaults it does not, by design: section 5 shows by how much.
-
-# %% [markdown]
 # ## 7. Is it causal?
 #
 # A causal mask hides later keys, but a content-based selection can still look ahead: with balanced
@@ -411,3 +399,17 @@ if HAVE_PORT:
     cert = causality.certify(port_attention, q, rng=rng_c, time_axis=2)
     print(f"the PyTorch port's KmeansAttention(causal=True): {cert}")
     assert not cert.passed  # the port trains with balanced membership too: the same leak
+
+# %% [markdown]
+# ## Summary
+#
+# * `crosscheck.reference(...)` gives every intermediate a framework author wants, with documented
+#   names (`crosscheck.NAMES`); `save`/`load` keep them in an `.npz` without pickles.
+# * `crosscheck.assert_close(expected, yours, rtol=...)` names the arrays that differ; windows are
+#   compared as sets, integers exactly.
+# * Set the centroids explicitly, match the conventions, use a random upstream gradient, compare in
+#   float64 first.
+# * With `port_conventions`, rt_numpy equals the PyTorch port to rounding (1e-10 in float64 here,
+#   1e-15 in practice); with the official defaults it does not, by design: section 5 shows by how much.
+# * `causality.certify(fn, x, rng=...)` tells whether any attention callable looks ahead; balanced
+#   membership does, in rt_numpy and in the port alike, and `membership="nearest"` does not.
