@@ -174,24 +174,32 @@ def lsh_attention(q, k, v, rotations, *, window_size, norm="ln", logits="normali
 
     # 2. The logit vectors, with one zero row at position T for the filler of the last chunk.
     q_logit, k_logit, scale = attention.logit_vectors(q, q, qn, qn, logits, True)
-    q_logit, k_logit, v = (ops.pad_axis(x, 0, 1, axis=2) for x in (q_logit, k_logit, v))  # (B, H, T+1, D)
+    shared = k_logit is q_logit  # normalized logits: the keys are the very same vectors
+    q_logit, v = ops.pad_axis(q_logit, 0, 1, axis=2), ops.pad_axis(v, 0, 1, axis=2)  # (B, H, T+1, D)
+    k_logit = q_logit if shared else ops.pad_axis(k_logit, 0, 1, axis=2)
 
     # 3. Each chunk attends to itself and the chunk before it, causally by original position.
+    def with_previous(x):  # (B, H, N, W, ...) -> (B, H, N, 2W, ...): chunk n - 1 (none before 0), then chunk n
+        earlier = ops.slice_axis(ops.pad_axis(x, 1, 0, axis=2), 0, N, axis=2)
+        return ops.concatenate([earlier, x], axis=3)
+
     outs, lses = [], []
     for r in range(R):
         query_windows = chunks[:, :, r]  # (B, H, N, W)
         earlier = xp.concatenate([xp.full((B, H, 1, W), T, chunks.dtype), query_windows[:, :, :-1]], axis=2)
-        key_windows = xp.concatenate([earlier, query_windows], axis=3)  # (B, H, N, 2W): chunk n-1, then n
+        key_windows = xp.concatenate([earlier, query_windows], axis=3)  # (B, H, N, 2W): positions, T for none
         query_pos, key_pos = query_windows[..., :, None], key_windows[..., None, :]  # (.., W, 1), (.., 1, 2W)
         visible = (key_pos <= query_pos) & (key_pos < T)  # (B, H, N, W, 2W)
         self_mask = attention._self_mask(query_pos, key_pos, self_attend)
         qw = attention.gather_windows(q_logit, query_windows)  # (B, H, N, W, D)
-        kw, vw = (attention.gather_windows(x, key_windows) for x in (k_logit, v))  # (B, H, N, 2W, D)
-        out = attention.masked_attention(qw, kw, vw, visible, scale=scale, self_mask=self_mask)
+        kw = qw if k_logit is q_logit else attention.gather_windows(k_logit, query_windows)  # each row gathered once
+        vw = attention.gather_windows(v, query_windows)
+        out = attention.masked_attention(qw, with_previous(kw), with_previous(vw), visible, scale=scale,
+                                         self_mask=self_mask)
         unsort = xp.argsort(query_windows.reshape(B, H, N * W), axis=-1)[..., :T]  # (B, H, T): undo the sort
         outs.append(ops.gather_rows(ops.reshape(out, (B, H, N * W, D)), unsort))  # (B, H, T, D)
         if R > 1:
-            lse = _masked_logsumexp(qw, kw, visible, scale, self_mask)  # (B, H, N, W)
+            lse = _masked_logsumexp(qw, with_previous(kw), visible, scale, self_mask)  # (B, H, N, W)
             lses.append(ops.gather_rows(ops.reshape(lse, (B, H, N * W, 1)), unsort))  # (B, H, T, 1)
     if R == 1:
         return outs[0]
