@@ -515,6 +515,7 @@ def run_from_args(args):
     settings = dataclasses.replace(settings, **changes)
     tasks = _names("tasks", args.tasks, TASKS)
     arms = _names("arms", args.arms, ARMS)
+    _check_before_training(settings, tasks, arms)
     print(f"machine: {machine_line()}")
     print(f"settings: {settings}")
     start = time.perf_counter()
@@ -526,6 +527,24 @@ def run_from_args(args):
         print(f"budget as measured (differs by more than 10%): {problem}")
     print(f"whole comparison: {time.perf_counter() - start:.0f} s")
     return 1 if problems else 0  # the exit status: 1 when the arms' budgets by the formulas disagree
+
+
+def _check_before_training(settings, tasks, arms):
+    """Every model and training config of the run, built once before any training: a bad option fails now."""
+    try:
+        for name in ("window_size", "block_size", "batch_size", "num_heads"):
+            if getattr(settings, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(settings, name)}")
+        if not settings.seeds:
+            raise ValueError(f"seeds must be at least 1, got {len(settings.seeds)}")
+        if "images" in tasks and settings.seq_len["images"] % 128:
+            raise ValueError(f"images need seq_len a multiple of 128, got {settings.seq_len['images']}")
+        for task in tasks:
+            settings.train_config(task, 0)
+            for arm in arms:
+                settings.config(task, arm)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"rt_numpy compare: error: {e}") from None
 
 
 def _names(what, text, allowed):

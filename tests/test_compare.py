@@ -71,9 +71,17 @@ def test_bench_compare_writes_the_same_records(tmp_path):
     assert {r["case"]["arm"] for r in records} == {"local", "lsh"}
 
 
-def test_bad_names_are_refused():
-    with pytest.raises(SystemExit, match="--arms must name some of"):
-        compare.main(["--quick", "--arms", "local,ring"])
+@pytest.mark.parametrize("argv,pattern", [
+    (["--arms", "local,ring"], "--arms must name some of"),
+    (["--seeds", "0"], "seeds must be at least 1, got 0"),
+    (["--steps", "0"], "steps must be >= 1, got 0"),
+    (["--window", "0"], "window_size must be >= 1, got 0"),
+    (["--tasks", "images", "--seq-len", "100"], "images need seq_len a multiple of 128, got 100"),
+    (["--tasks", "text", "--seq-len", "50"], "seq_len must be a multiple of block_size=8, got 50"),
+])
+def test_bad_options_are_refused_before_any_training(argv, pattern):
+    with pytest.raises(SystemExit, match=pattern):
+        compare.main(["--quick", "--out", ""] + argv)
 
 
 # ------------------------------------------------------------------------------ the pieces
