@@ -61,13 +61,16 @@ def masked_attention(q, k, v, visible, *, scale, self_mask=None):
     -------
     array (..., Tq, D)
     """
+    probs = ops.softmax(masked_logits(q, k, scale=scale, self_mask=self_mask), mask=visible)  # (.., Tq, Tk)
+    return ops.matmul(probs, v)  # (..., Tq, Tk) @ (..., Tk, D) -> (..., Tq, D)
+
+
+def masked_logits(q, k, *, scale, self_mask=None):
+    """``scale q kᵀ`` (..., Tq, Tk), with the "last resort" logit where ``self_mask`` is set."""
     n = getval(k).ndim
     k_t = ops.transpose(k, tuple(range(n - 2)) + (n - 1, n - 2))  # (..., Tk, D) -> (..., D, Tk)
     logits = ops.scale(ops.matmul(q, k_t), scale)  # (..., Tq, D) @ (..., D, Tk) -> (..., Tq, Tk)
-    if self_mask is not None:
-        logits = ops.masked_fill(logits, self_mask, SELF_LOGIT)
-    probs = ops.softmax(logits, mask=visible)  # (..., Tq, Tk), 0 where hidden
-    return ops.matmul(probs, v)  # (..., Tq, Tk) @ (..., Tk, D) -> (..., Tq, D)
+    return logits if self_mask is None else ops.masked_fill(logits, self_mask, SELF_LOGIT)
 
 
 def _self_mask(query_pos, key_pos, self_attend):

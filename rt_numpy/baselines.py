@@ -214,10 +214,7 @@ def lsh_attention(q, k, v, rotations, *, window_size, norm="ln", logits="normali
 
 def _masked_logsumexp(qw, kw, visible, scale, self_mask):
     """``log sum_j exp(logit_ij)`` over the visible keys of each query (a row sees at least itself)."""
-    n = getval(kw).ndim
-    logits = ops.scale(ops.matmul(qw, ops.transpose(kw, tuple(range(n - 2)) + (n - 1, n - 2))), scale)
-    if self_mask is not None:
-        logits = ops.masked_fill(logits, self_mask, attention.SELF_LOGIT)
+    logits = attention.masked_logits(qw, kw, scale=scale, self_mask=self_mask)  # (..., W, 2W)
     xp = backend.get_array_module(getval(logits))
     top = xp.max(xp.where(visible, getval(logits), -xp.inf), axis=-1, keepdims=True)  # a constant shift
     shifted = ops.masked_fill(ops.subtract(logits, top), ~visible, -np.inf)

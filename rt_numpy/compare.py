@@ -306,7 +306,6 @@ def run(tasks, arms, settings, *, out_dir=None, json_path=None, log=print):
     machine = machine_line()
     for task_name in tasks:
         task = make_task(task_name, settings)
-        _DATA_SHA[task_name] = task.sha256
         log(f"task {task_name}: {task.provenance}")
         rows, curves, fits = [], {}, {}
         for arm in arms:
@@ -331,7 +330,7 @@ def run(tasks, arms, settings, *, out_dir=None, json_path=None, log=print):
                                      seconds=result["train_seconds"], curve=result["curve"]))
                 if seed == settings.seeds[0]:
                     fits[arm] = (result, cfg, x, trace)
-                case = _case(task_name, arm, cfg, seed, settings)
+                case = _case(task, arm, cfg, seed, settings)
                 _record(records, case, task.metric, final["val"], task.unit)
                 if "test" in final:
                     _record(records, case, "test_" + task.metric, final["test"], task.unit)
@@ -345,7 +344,7 @@ def run(tasks, arms, settings, *, out_dir=None, json_path=None, log=print):
             curves[arm] = [s["curve"] for s in per_seed]
             rows.append(_summary_row(arm, cfg, n_params, per_seed, task, settings))
             for name, values in (("mean", np.mean), ("std", _std)):
-                case = dict(_case(task_name, arm, cfg, "all", settings), statistic=name)
+                case = dict(_case(task, arm, cfg, "all", settings), statistic=name)
                 _record(records, case, task.metric, float(values([s["val"] for s in per_seed])), task.unit)
         tables[task_name] = rows
         figures[task_name] = {"curves": curves, "fits": fits, "task": task, "rows": rows}
@@ -358,7 +357,7 @@ def run(tasks, arms, settings, *, out_dir=None, json_path=None, log=print):
                                                {arm: settings.config(task_name, arm) for arm in fits})
             figures[task_name]["mass_recall"] = shares
             for arm, share in shares.items():
-                _record(records, _case(task_name, arm, settings.config(task_name, arm), settings.seeds[0], settings),
+                _record(records, _case(task, arm, settings.config(task_name, arm), settings.seeds[0], settings),
                         "attention_mass_recall", share, "fraction")
             print("attention-mass recall on the trained dense model (seed "
                   f"{settings.seeds[0]}): " + ", ".join(f"{a} {v:.3f}" for a, v in shares.items()))
@@ -376,12 +375,10 @@ def _std(values):
 
 
 def _case(task, arm, cfg, seed, settings):
-    return {"task": task, "arm": arm, "T": cfg.seq_len, "H": cfg.num_heads, "D": cfg.head_dim,
+    """The record's case: ``task`` is the task object (its name and the sha256 of its data)."""
+    return {"task": task.name, "arm": arm, "T": cfg.seq_len, "H": cfg.num_heads, "D": cfg.head_dim,
             "K": cfg.num_clusters, "W": cfg.window_size, "L": cfg.block_size, "C": cfg.width,
-            "layers": cfg.n_layers, "N": settings.steps[task], "seed": seed, "data_sha256": _DATA_SHA.get(task)}
-
-
-_DATA_SHA = {}  # task -> sha256 of its data, set when the task is made
+            "layers": cfg.n_layers, "N": settings.steps[task.name], "seed": seed, "data_sha256": task.sha256}
 
 
 def _record(records, case, metric, value, unit):

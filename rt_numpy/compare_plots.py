@@ -28,6 +28,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def draw_all(figures, settings, out_dir, log=print):
     """Every figure of every task into ``out_dir``; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
@@ -64,10 +71,7 @@ def curves(task, arm_curves, path):
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"{task.name}: held-out {task.unit} during training (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def recall_distance(task, rows, path):
@@ -87,10 +91,7 @@ def recall_distance(task, rows, path):
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def cluster_ids(fit, cfg, x):
@@ -136,10 +137,7 @@ def clusters(task, fit, cfg, x, trace, path):
                     ch if ch.isprintable() and ch != " " else "·", color=colour, family="monospace", fontsize=8)
         ax.axis("off")
         ax.set_title("the bytes of a held-out window, coloured by their cluster (routing head 0, last layer)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def mass_recall_bars(values, path, task_name):
@@ -152,10 +150,7 @@ def mass_recall_bars(values, path, task_name):
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("share of dense softmax mass")
     ax.set_title(f"{task_name}: mass a sparse pattern keeps, on a trained dense model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def mass_recall(dense_fit, dense_cfg, x, arm_cfgs):

@@ -122,7 +122,7 @@ def _softmax_rows(logits, counts, self_attend):
         logits[..., np.arange(T), np.arange(T)] = attention.SELF_LOGIT
     counts = np.broadcast_to(counts, logits.shape)
     shown = np.where(counts > 0, logits, -np.inf)
-    top = shown.max(axis=-1, keepdims=True)
-    weights = counts * np.exp(np.where(counts > 0, logits - np.where(np.isfinite(top), top, 0), -np.inf))
+    top = np.maximum(shown.max(axis=-1, keepdims=True), -1e300)  # a finite shift, also for an empty row
+    weights = counts * np.exp(shown - top)  # exp(-inf) = 0 where hidden
     total = weights.sum(axis=-1, keepdims=True)
     return np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
