@@ -24,11 +24,11 @@ seeded generator, with ``impl="auto"``:
 Training choices (defaults), each needed to learn the task in a few minutes of CPU:
 
 * ``--loss answers``: the cross-entropy of the answers only (the masked value
-  bytes), as associative-recall benchmarks do; otherwise the step is
-  ``rt_numpy.train.train_step``'s (clipping, AdamW, warm-up + cosine, k-means
-  update after the step).  ``--loss all`` runs ``train.train_step`` itself, on
-  every next byte: there the answers are 16 of 128 targets, the rest random
-  filler, and the model stayed at chance for 3000 steps.
+  bytes), as associative-recall benchmarks do: ``rt_numpy.train.train_step``
+  with ``mask`` (clipping, AdamW, warm-up + cosine, k-means update after the
+  step).  ``--loss all`` runs it without a mask, on every next byte: there the
+  answers are 16 of 128 targets, the rest random filler, and the model stayed
+  at chance for 3000 steps.
 * ``--init-std 0.1``: every weight matrix of ``model.init_params`` (GPT-2's 0.02)
   is multiplied by 5.  With 0.02 the routing model stayed at chance for 1500
   steps, and a PyTorch replica with dense attention was below 40% after 3000 to
@@ -61,11 +61,10 @@ import numpy as np
 import rt_numpy  # noqa: F401  (before NumPy: it sets OPENBLAS_THREAD_TIMEOUT, see rt_numpy/__init__.py)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import autograd  # noqa: E402
 from autograd.tracer import getval  # noqa: E402
 from common import machine_line, print_table, record, write_json  # noqa: E402
 
-from rt_numpy import attention, data, kmeans, model, ops, optim, train  # noqa: E402
+from rt_numpy import attention, data, kmeans, model, optim, train  # noqa: E402
 
 IMPL = "rt_numpy-numba"
 EVAL_SEED_OFFSET = 10_000  # held-out batches come from seed + this: never the training stream
@@ -155,31 +154,6 @@ def co_routing(params, kmeans_states, cfg, x, mask, task):
     return float((mq[qi] & mk[kj]).any(axis=1).mean())
 
 
-def answers_step(params, opt_state, kmeans_states, x, y, mask, cfg, tcfg, step):
-    """``train.train_step`` with the cross-entropy taken on the answers only (the masked value bytes).
-
-    Same clipping, schedule, AdamW and k-means update as ``train.train_step``.
-    """
-    rows = np.flatnonzero(mask.reshape(-1))  # (N,) flat indices of the answers
-    targets = y.reshape(-1)[rows]  # (N,)
-    captured = {}
-
-    def objective(p):
-        logits, aux = model.forward(p, x, cfg, kmeans_states, impl="auto")  # (B, T, V)
-        picked = ops.gather_rows(ops.reshape(logits, (-1, cfg.vocab_size)), rows)  # (N, V)
-        ce = ops.cross_entropy(picked, targets)
-        captured.update(aux, cross_entropy=ce)
-        return ops.add(ce, aux["commitment"])
-
-    _, grads = autograd.value_and_grad(objective)(params)
-    grads, _ = optim.clip_by_global_norm(grads, tcfg.grad_clip if tcfg.grad_clip > 0 else None)
-    lr = optim.lr_schedule(step, max_lr=tcfg.lr, warmup_steps=min(tcfg.warmup_steps, tcfg.steps),
-                           total_steps=tcfg.steps, min_lr=tcfg.min_lr)
-    params, opt_state = optim.adamw_update(params, grads, opt_state, lr=lr, weight_decay=tcfg.weight_decay)
-    kmeans_states = model.update_kmeans(cfg, kmeans_states, captured["stats"])
-    return params, opt_state, kmeans_states, {"cross_entropy": float(getval(captured["cross_entropy"]))}
-
-
 GPT2_STD = 0.02  # the std of model.init_params
 
 
@@ -206,8 +180,8 @@ def train_model(name, cfg, tcfg, task, args, log=print):
     for step in range(1, tcfg.steps + 1):
         x, y, mask = data.recall_task(tcfg.batch_size, cfg.seq_len, rng=data_rng, **task)
         if args.loss == "answers":
-            params, opt_state, kmeans_states, metrics = answers_step(
-                params, opt_state, kmeans_states, x, y, mask, cfg, tcfg, step - 1)
+            params, opt_state, kmeans_states, metrics = train.train_step(
+                params, opt_state, kmeans_states, x, y, cfg, tcfg, step - 1, rng, impl="auto", mask=mask)
         else:
             params, opt_state, kmeans_states, metrics = train.train_step(
                 params, opt_state, kmeans_states, x, y, cfg, tcfg, step - 1, rng, impl="auto")
