@@ -120,6 +120,23 @@ def qkv(q, k, v):
     return shape
 
 
+def key_mask(mask, B, T, name="key_mask"):
+    """A padding mask: None, or a bool array (B, T), True at real tokens; returned unboxed.
+
+    docs/algorithm.md#8-padding.  ``name`` is the parameter named in the messages.
+    """
+    if mask is None:
+        return None
+    mask = getval(mask)
+    if not hasattr(mask, "dtype") or not hasattr(mask, "shape"):
+        raise TypeError(f"{name} must be a bool array (B, T) or None, got {type(mask).__name__}")
+    if mask.dtype != bool:
+        raise TypeError(f"{name} must have dtype bool (True at real tokens), got {mask.dtype}")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"{name} must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+    return mask
+
+
 def means(mu):
     """Centroids (H, K, D): finite floats, no empty axis; returns them unboxed."""
     mu = float_array("means", mu, 3)

@@ -82,8 +82,14 @@ def _default_scale(scale, D):
     return 1.0 / math.sqrt(D) if scale is None else float(scale)
 
 
+def _real_keys(key_mask, B, T, xp):
+    """The checked padding mask (B, T), True at real tokens, on the device of the queries; None stays None."""
+    key_mask = _checks.key_mask(key_mask, B, T)
+    return None if key_mask is None else xp.asarray(key_mask)
+
+
 # --------------------------------------------------------------------------- dense
-def dense_causal_attention(q, k, v, *, scale=None, self_attend="allow"):
+def dense_causal_attention(q, k, v, *, scale=None, self_attend="allow", key_mask=None):
     """Causal softmax attention over the whole sequence.
 
     Parameters
@@ -95,6 +101,8 @@ def dense_causal_attention(q, k, v, *, scale=None, self_attend="allow"):
     self_attend : {"allow", "last_resort"}
         ``"last_resort"``: the self logit is -5e4, so a token sees itself only
         when nothing else is visible (position 0).
+    key_mask : bool array (B, T), optional
+        True at real tokens; no query sees a padded key (docs/algorithm.md#8-padding).
 
     Returns
     -------
@@ -102,14 +110,19 @@ def dense_causal_attention(q, k, v, *, scale=None, self_attend="allow"):
     """
     B, H, T, D = _checks.qkv(q, k, v)
     _checks.choice("self_attend", self_attend, SELF_ATTEND)
-    pos = backend.get_array_module(getval(q)).arange(T)
+    xp = backend.get_array_module(getval(q))
+    real = _real_keys(key_mask, B, T, xp)  # (B, T) or None
+    pos = xp.arange(T)
     query_pos, key_pos = pos[:, None], pos[None, :]  # (T, 1), (1, T)
-    return masked_attention(q, k, v, key_pos <= query_pos, scale=_default_scale(scale, D),
+    visible = key_pos <= query_pos  # (T, T)
+    if real is not None:
+        visible = visible & real[:, None, None, :]  # (B, 1, T, T): padding is never seen
+    return masked_attention(q, k, v, visible, scale=_default_scale(scale, D),
                             self_mask=_self_mask(query_pos, key_pos, self_attend))
 
 
 # --------------------------------------------------------------------------- local
-def local_attention(q, k, v, *, block_size, look_back=1, scale=None, self_attend="allow"):
+def local_attention(q, k, v, *, block_size, look_back=1, scale=None, self_attend="allow", key_mask=None):
     """Blocked causal attention: block n sees blocks n - look_back .. n.
 
     Parameters
@@ -124,6 +137,8 @@ def local_attention(q, k, v, *, block_size, look_back=1, scale=None, self_attend
     scale : float, optional
         Logit factor, ``1 / sqrt(D)`` by default.
     self_attend : {"allow", "last_resort"}
+    key_mask : bool array (B, T), optional
+        True at real tokens; no query sees a padded key (docs/algorithm.md#8-padding).
 
     Returns
     -------
@@ -141,6 +156,7 @@ def local_attention(q, k, v, *, block_size, look_back=1, scale=None, self_attend
     look_back = _checks.integer("look_back", look_back, 0)
     _checks.choice("self_attend", self_attend, SELF_ATTEND)
     xp = backend.get_array_module(getval(q))
+    real = _real_keys(key_mask, B, T, xp)  # (B, T) or None
     N, S = -(-T // L), look_back + 1  # blocks (the last one may be short); blocks seen by each block
     pad = N * L - T
 
@@ -156,6 +172,11 @@ def local_attention(q, k, v, *, block_size, look_back=1, scale=None, self_attend
     query_pos = (xp.arange(N)[:, None] * L + xp.arange(L)[None, :])[:, :, None]  # (N, L, 1)
     key_pos = ((xp.arange(N)[:, None] - look_back) * L + xp.arange(S * L)[None, :])[:, None, :]  # (N, 1, S*L)
     visible = (key_pos >= 0) & (key_pos < T) & (key_pos <= query_pos)  # (N, L, S*L): real keys, causal
+    if real is not None:
+        real = xp.concatenate([real, xp.zeros((B, pad), bool)], axis=1)  # (B, N*L)
+        real = xp.concatenate([xp.zeros((B, look_back * L), bool), real], axis=1)  # (B, (look_back + N) * L)
+        seen = real[:, key_pos[:, 0, :] + look_back * L]  # (B, N, S*L): whether each block's keys are real
+        visible = visible & seen[:, None, :, None, :]  # (B, 1, N, L, S*L): padding is never seen
     out = masked_attention(blocks(q), with_look_back(k), with_look_back(v), visible,
                            scale=_default_scale(scale, D),
                            self_mask=_self_mask(query_pos, key_pos, self_attend))  # (B, H, N, L, D)
@@ -202,7 +223,7 @@ def _check_routing_args(q, k, v, means, window_size, mem_kv, options):
 
 def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm="ln", logits="normalized",
                       membership="balanced", self_attend="allow", combine_eps=1e-2, commitment=1e-4,
-                      commitment_qk="sum", mem_kv=None, impl="auto"):
+                      commitment_qk="sum", mem_kv=None, impl="auto", key_mask=None):
     """Routing attention for H heads: route, attend inside clusters, average back.
 
     Parameters
@@ -251,6 +272,12 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         arrays) or ``"cupy"`` (CuPy arrays): the routing decisions and the
         attention inside the clusters run fused kernels (balanced membership,
         no ``mem_kv``); ``"ref"`` runs no compiled code.
+    key_mask : bool array (B, T), optional
+        True at real tokens.  Padding joins no cluster, enters no k-means
+        statistic and no commitment loss, and no query sees it
+        (docs/algorithm.md#8-padding).  The fused kernel runs when every row
+        has at least W real tokens (no window then holds padding); otherwise
+        the reference does.
 
     Returns
     -------
@@ -267,15 +294,17 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
     -----
     docs/algorithm.md#1-one-routing-head, steps 1.1 to 1.5 and 1.8.  Masked
     logits are treated as -inf; a query with no visible key outputs 0.  A
-    token in no cluster gets 0 from a routing head.  No padding: every
-    position is a real token.
+    token in no cluster gets 0 from a routing head.
     """
     k = q if shared_qk else k
     options = {"norm": norm, "logits": logits, "membership": membership, "self_attend": self_attend,
                "commitment_qk": commitment_qk, "impl": impl, "combine_eps": combine_eps,
                "commitment": commitment, "shared_qk": shared_qk}
     mu, W = _check_routing_args(q, k, v, means, window_size, mem_kv, options)
-    with backend.use_impl(impl, backend.get_array_module(getval(q))) as run:
+    B, H, T, D = getval(q).shape
+    xp = backend.get_array_module(getval(q))
+    real = _real_keys(key_mask, B, T, xp)  # (B, T) or None
+    with backend.use_impl(impl, xp) as run:
         # 1. Normalise for routing (docs/algorithm.md#11-normalise).
         qn = kmeans.normalize(q, norm)  # (B, H, T, D)
         kn = qn if shared_qk else kmeans.normalize(k, norm)
@@ -285,11 +314,10 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         #    cluster's top-W window, from one score matrix per stream (docs/algorithm.md#13-membership).
         #    Routing decisions are integers: constants for autograd.
         if membership == "balanced":
-            routes = [kmeans.route(getval(x), mu, W) for x in streams]
-            stats = {name: backend.get_array_module(mu).stack([r[name] for r in routes])
-                     for name in ("assignments", "sums", "counts")}
+            routes = [kmeans.route(getval(x), mu, W, key_mask=real) for x in streams]
+            stats = {name: xp.stack([r[name] for r in routes]) for name in ("assignments", "sums", "counts")}
         else:
-            stats = kmeans.cluster_stats([getval(x) for x in streams], mu)
+            stats = kmeans.cluster_stats([getval(x) for x in streams], mu, key_mask=real)
 
         # 3. The vectors the logits are made of (docs/algorithm.md#14-attention-inside-a-cluster).
         q_logit, k_logit, scale = logit_vectors(q, k, qn, kn, logits, shared_qk)
@@ -299,7 +327,7 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         if membership == "nearest":
             out = _nearest_attention(q_logit, k_logit, v, stats["assignments"], scale, self_attend,
                                      combine_eps, mem_kv)
-        elif run != "ref" and mem_kv is None:
+        elif run != "ref" and mem_kv is None and (real is None or int(real.sum(axis=1).min()) >= W):
             shared = shared_qk and logits == "normalized"  # the keys are the queries: gather each row once
             out = cluster_attention_fused(q_logit, None if shared else k_logit, v, routes[0]["windows"],
                                           None if shared else routes[-1]["windows"], scale,
@@ -307,14 +335,14 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         else:
             out = cluster_attention_reference(q_logit, k_logit, v, routes[0]["windows"], routes[-1]["windows"],
                                               scale=scale, self_attend=self_attend, combine_eps=combine_eps,
-                                              mem_kv=mem_kv)
+                                              mem_kv=mem_kv, key_mask=real)
 
         # 6. Commitment loss, from the start-of-step assignments (docs/algorithm.md#18-commitment-loss).
         committed, assigned = streams, list(stats["assignments"])
         if shared_qk and commitment_qk == "sum":  # the official code adds e_q + e_k with k = q
             committed, assigned = committed * 2, assigned * 2
         loss = kmeans.commitment_loss(committed, mu, commitment=commitment, commitment_qk=commitment_qk,
-                                      assignments=assigned)
+                                      assignments=assigned, key_mask=real)
     return out, loss, stats
 
 
@@ -338,7 +366,7 @@ def gather_windows(x, windows):
 
 
 def cluster_attention_reference(q, k, v, query_windows, key_windows, *, scale, self_attend="allow",
-                                combine_eps=1e-2, mem_kv=None):
+                                combine_eps=1e-2, mem_kv=None, key_mask=None):
     """Causal attention inside each cluster window, then the scatter-mean.
 
     Parameters
@@ -351,6 +379,8 @@ def cluster_attention_reference(q, k, v, query_windows, key_windows, *, scale, s
         Logit factor.
     self_attend, combine_eps, mem_kv
         As in :func:`routing_attention`.
+    key_mask : bool array (B, T), optional
+        True at real tokens: a padded key in a window is never seen.
 
     Returns
     -------
@@ -369,6 +399,9 @@ def cluster_attention_reference(q, k, v, query_windows, key_windows, *, scale, s
     qw, kw, vw = gather_windows(q, query_windows), gather_windows(k, key_windows), gather_windows(v, key_windows)
     query_pos, key_pos = query_windows[..., :, None], key_windows[..., None, :]  # (B,H,K,W,1), (B,H,K,1,W)
     visible = key_pos <= query_pos  # (B, H, K, W, W), causal by original positions
+    if key_mask is not None:
+        real = key_mask[xp.arange(B)[:, None, None, None], key_windows]  # (B, H, K, W): is each key real
+        visible = visible & real[..., None, :]  # (B, H, K, W, W): padding is never seen
     self_mask = _self_mask(query_pos, key_pos, self_attend)
     if mem_kv is not None:
         def prepend(m, rows):  # (H, K, D) -> (B, H, K, 1, D), then before the W gathered rows
@@ -408,6 +441,7 @@ def _nearest_attention(q, k, v, assignments, scale, self_attend, combine_eps, me
     aq, ak = assignments[0], assignments[-1]  # (B, H, T): queries, keys (the queries' with shared QK)
     pos = xp.arange(T)
     visible = (ak[..., None, :] == aq[..., :, None]) & (pos[None, :] <= pos[:, None])  # (B, H, T, T)
+    visible = visible & (ak[..., None, :] >= 0)  # padding (assignment -1) is in no cluster, never seen
     self_mask = _self_mask(pos[:, None], pos[None, :], self_attend)
     if mem_kv is not None:
         B, H = aq.shape[:2]
@@ -451,7 +485,7 @@ def apply_rotary(x, cos, sin):
 
 def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_size=None, block_size,
                         look_back=1, shared_qk=True, self_attend="allow", rotary=None, impl="auto",
-                        kind="routing", stride=None, rotations=None, trace=None, **routing):
+                        kind="routing", stride=None, rotations=None, trace=None, key_mask=None, **routing):
     """One attention layer: routing (or baseline) heads and local heads side by side, then the output projection.
 
     Parameters
@@ -490,6 +524,8 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
         Receives the layer's per-head ``q``, ``k`` and ``v`` (B, H, T, D),
         plain arrays after the rotary embedding, for who-sees-whom
         measurements (:mod:`rt_numpy.baselines`, :mod:`rt_numpy.introspect`).
+    key_mask : bool array (B, T), optional
+        True at real tokens; every head hides padding (docs/algorithm.md#8-padding).
 
     Returns
     -------
@@ -525,22 +561,23 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
             if kind == "routing":
                 out, loss, stats = routing_attention(qh, kh, vh, means, window_size=window_size,
                                                      shared_qk=shared_qk, self_attend=self_attend, impl=impl,
-                                                     **routing)
+                                                     key_mask=key_mask, **routing)
             elif kind == "strided":
-                out = baselines.strided_attention(qh, kh, vh, stride=stride, self_attend=self_attend)
+                out = baselines.strided_attention(qh, kh, vh, stride=stride, self_attend=self_attend,
+                                                  key_mask=key_mask)
             elif kind == "lsh":
                 out = baselines.lsh_attention(qh, kh, vh, rotations, window_size=window_size, self_attend=self_attend,
                                               norm=routing.get("norm", "ln"),
-                                              logits=routing.get("logits", "normalized"))
+                                              logits=routing.get("logits", "normalized"), key_mask=key_mask)
             else:
-                out = dense_causal_attention(qh, kh, vh, self_attend=self_attend)
+                out = dense_causal_attention(qh, kh, vh, self_attend=self_attend, key_mask=key_mask)
             parts.append(out)
         if Hr < H:
             def local_heads(t):
                 return ops.slice_axis(t, Hr, H, axis=1)  # (B, H, T, D) -> (B, H - Hr, T, D)
 
             parts.append(local_attention(local_heads(q), local_heads(k), local_heads(v), block_size=block_size,
-                                         look_back=look_back, self_attend=self_attend))
+                                         look_back=look_back, self_attend=self_attend, key_mask=key_mask))
         out = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)  # (B, H, T, D)
         y = ops.matmul(ops.merge_heads(out), params["w_o"])  # (B, T, C) @ (C, C) -> (B, T, C)
     return y, loss, stats

@@ -33,7 +33,7 @@ KINDS = ("dense", "local", "routing", "strided", "lsh")
 
 
 # --------------------------------------------------------------------------- strided
-def strided_attention(q, k, v, *, stride, scale=None, self_attend="allow"):
+def strided_attention(q, k, v, *, stride, scale=None, self_attend="allow", key_mask=None):
     """Causal attention to every ``stride``-th earlier key: query i sees j <= i with (i - j) % S == 0.
 
     Parameters
@@ -46,6 +46,8 @@ def strided_attention(q, k, v, *, stride, scale=None, self_attend="allow"):
     scale : float, optional
         Logit factor, ``1 / sqrt(D)`` by default.
     self_attend : {"allow", "last_resort"}
+    key_mask : bool array (B, T), optional
+        True at real tokens; no query sees a padded key (docs/algorithm.md#8-padding).
 
     Returns
     -------
@@ -61,6 +63,7 @@ def strided_attention(q, k, v, *, stride, scale=None, self_attend="allow"):
     S = _checks.integer("stride", stride, 1)
     _checks.choice("self_attend", self_attend, attention.SELF_ATTEND)
     xp = backend.get_array_module(getval(q))
+    real = attention._real_keys(key_mask, B, T, xp)  # (B, T) or None
     N = -(-T // S)  # members of a class (the last row of classes may be short)
     pad = N * S - T
 
@@ -71,7 +74,10 @@ def strided_attention(q, k, v, *, stride, scale=None, self_attend="allow"):
 
     pos = xp.arange(S)[:, None] + xp.arange(N)[None, :] * S  # (S, N) positions of each class
     query_pos, key_pos = pos[:, :, None], pos[:, None, :]  # (S, N, 1), (S, 1, N)
-    visible = (key_pos <= query_pos) & (key_pos < T)  # (S, N, N): causal, padding hidden
+    visible = (key_pos <= query_pos) & (key_pos < T)  # (S, N, N): causal, the classes' filler hidden
+    if real is not None:
+        real = xp.concatenate([real, xp.zeros((B, pad), bool)], axis=1)[:, pos]  # (B, S, N): real keys by class
+        visible = visible & real[:, None, :, None, :]  # (B, 1, S, N, N): padding is never seen
     out = attention.masked_attention(classes(q), classes(k), classes(v), visible,
                                      scale=attention._default_scale(scale, D),
                                      self_mask=attention._self_mask(query_pos, key_pos, self_attend))
@@ -122,7 +128,8 @@ def lsh_chunks(buckets, chunk_size):
     return xp.concatenate([order, filler], axis=-1).reshape(tuple(lead) + (N, W))  # (B, H, R, N, W)
 
 
-def lsh_attention(q, k, v, rotations, *, window_size, norm="ln", logits="normalized", self_attend="last_resort"):
+def lsh_attention(q, k, v, rotations, *, window_size, norm="ln", logits="normalized", self_attend="last_resort",
+                  key_mask=None):
     """LSH attention (Reformer, and the official code's hashing baseline), shared QK.
 
     Parameters
@@ -141,6 +148,11 @@ def lsh_attention(q, k, v, rotations, *, window_size, norm="ln", logits="normali
     self_attend : {"last_resort", "allow"}
         ``"last_resort"`` (Reformer's shared-QK rule, the default): a token sees
         itself only when it sees nothing else.
+    key_mask : bool array (B, T), optional
+        True at real tokens.  Padding is hashed to a bucket after all others,
+        so it is sorted last and leaves the chunks of the real tokens as they
+        are without it; no query sees it, but a padded query sees itself, so
+        that every row sees a key (docs/algorithm.md#8-padding).
 
     Returns
     -------
@@ -166,10 +178,14 @@ def lsh_attention(q, k, v, rotations, *, window_size, norm="ln", logits="normali
     if rot.shape[0] != H or rot.shape[2] != D:
         raise ValueError(f"rotations must have shape ({H}, n_hashes, {D}, n_buckets/2), got {tuple(rot.shape)}")
     xp = backend.get_array_module(getval(q))
+    real = attention._real_keys(key_mask, B, T, xp)  # (B, T) or None
 
     # 1. Normalise and hash: a bucket per token and round, then chunks of W in bucket order.
     qn = kmeans.normalize(q, norm)  # (B, H, T, D)
-    chunks = lsh_chunks(lsh_buckets(getval(qn), rot), W)  # (B, H, R, N, W), integers: constants
+    buckets = lsh_buckets(getval(qn), rot)  # (B, H, R, T)
+    if real is not None:
+        buckets = xp.where(real[:, None, None, :], buckets, 2 * rot.shape[-1])  # padding: a bucket after all
+    chunks = lsh_chunks(buckets, W)  # (B, H, R, N, W), integers: constants
     R, N = chunks.shape[2], chunks.shape[3]
 
     # 2. The logit vectors, with one zero row at position T for the filler of the last chunk.
@@ -190,6 +206,11 @@ def lsh_attention(q, k, v, rotations, *, window_size, norm="ln", logits="normali
         key_windows = xp.concatenate([earlier, query_windows], axis=3)  # (B, H, N, 2W): positions, T for none
         query_pos, key_pos = query_windows[..., :, None], key_windows[..., None, :]  # (.., W, 1), (.., 1, 2W)
         visible = (key_pos <= query_pos) & (key_pos < T)  # (B, H, N, W, 2W)
+        if real is not None:
+            seen = xp.concatenate([real, xp.zeros((B, 1), bool)], axis=1)  # (B, T+1): the filler T is no token
+            seen = seen[xp.arange(B)[:, None, None, None], key_windows]  # (B, H, N, 2W)
+            visible = (key_pos <= query_pos) & (seen[..., None, :] | (key_pos == query_pos))  # (B, H, N, W, 2W)
+            # Padding and the filler see themselves, so that no row is empty for the rounds' log-sum-exps.
         self_mask = attention._self_mask(query_pos, key_pos, self_attend)
         qw = attention.gather_windows(q_logit, query_windows)  # (B, H, N, W, D)
         kw = qw if k_logit is q_logit else attention.gather_windows(k_logit, query_windows)  # each row gathered once

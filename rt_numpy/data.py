@@ -42,6 +42,8 @@ DEFAULT_MAX_BYTES = 8_000_000
 """Default cap on the size of the ``"python"`` corpus (bytes)."""
 
 CORPORA = ("python", "enwik")
+DOCUMENT_MARKERS = {"python": b"# file: ", "enwik": b"<page>"}
+"""The bytes each document of a corpus starts with (a source file, a Wikipedia page)."""
 
 # Directories skipped while walking the standard library: installed third-party
 # packages, test suites (their data files are machine-generated noise), bytecode, and
@@ -335,6 +337,74 @@ def eval_batches(data: np.ndarray, batch_size: int,
         starts = np.arange(first, min(first + batch_size, n_windows)) * seq_len  # (b,)
         windows = np.asarray(data)[starts[:, None] + offsets].astype(np.int64)  # (b, T+1)
         yield windows[:, :-1], windows[:, 1:]
+
+
+# --------------------------------------------------------------------------- documents and padding
+def documents(data: np.ndarray, marker: bytes) -> list[np.ndarray]:
+    """Cut a token array into documents, each starting at an occurrence of ``marker``.
+
+    Parameters
+    ----------
+    data : ndarray of int, shape (N,)
+    marker : bytes
+        What a document starts with, e.g. ``DOCUMENT_MARKERS["python"]``.
+
+    Returns
+    -------
+    list of ndarray
+        Views of ``data``, in order, that concatenate back to it.  The bytes
+        before the first marker (the tail of a document that a split cut) are
+        the first piece, when there are any.
+    """
+    if not isinstance(marker, bytes) or not marker:
+        raise ValueError(f"marker must be non-empty bytes, got {marker!r}")
+    raw = np.asarray(data).astype(np.uint8).tobytes()
+    starts, at = [], raw.find(marker)
+    while at >= 0:
+        starts.append(at)
+        at = raw.find(marker, at + len(marker))
+    cuts = sorted({0, *starts, len(raw)})
+    return [data[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def document_batches(docs: list[np.ndarray], batch_size: int,
+                     seq_len: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Walk documents in windows that never cross a document boundary, right-padded to ``seq_len``.
+
+    A document of n bytes has n - 1 targets (its first byte has no context).
+    Window ``j`` of a document has inputs ``doc[j*T : j*T + T]`` and targets
+    shifted by one, so that every target is scored once; its last window is
+    short and padded on the right (docs/algorithm.md#8-padding).  Windows are
+    batched in document order; the last batch may be smaller.
+
+    Parameters
+    ----------
+    docs : list of ndarray of int, shape (n_d,)
+    batch_size, seq_len : int
+        B and T.
+
+    Yields
+    ------
+    x, y : ndarray of int64, shape (b, T)
+        Inputs and targets, 0 at padding.
+    key_mask : ndarray of bool, shape (b, T)
+        True at real positions (those with a target).
+    doc : ndarray of int64, shape (b,)
+        The index in ``docs`` of each window's document.
+    """
+    if batch_size <= 0 or seq_len <= 0:
+        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+    windows = [(d, start) for d, text in enumerate(docs) for start in range(0, len(text) - 1, seq_len)]
+    for first in range(0, len(windows), batch_size):
+        group = windows[first:first + batch_size]
+        x = np.zeros((len(group), seq_len), np.int64)  # (b, T)
+        y = np.zeros((len(group), seq_len), np.int64)
+        key_mask = np.zeros((len(group), seq_len), bool)
+        for row, (d, start) in enumerate(group):
+            piece = np.asarray(docs[d][start:start + seq_len + 1], np.int64)  # (n + 1,), n <= T targets
+            n = len(piece) - 1
+            x[row, :n], y[row, :n], key_mask[row, :n] = piece[:-1], piece[1:], True
+        yield x, y, key_mask, np.array([d for d, _ in group], np.int64)
 
 
 def bits_per_byte(mean_nll_nats):

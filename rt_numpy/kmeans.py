@@ -196,7 +196,14 @@ def nearest(points, means):
     return backend.get_array_module(x).argmax(similarities(x, means), axis=-1)  # (B, H, T, K) -> (B, H, T)
 
 
-def cluster_stats(points, means, *, impl="auto"):
+def _padding(key_mask, x, xp):
+    """The checked padding mask (B, T) of points ``x`` (B, H, T, D), on ``x``'s device; None stays None."""
+    B, _, T, _ = x.shape
+    key_mask = _checks.key_mask(key_mask, B, T)
+    return None if key_mask is None else xp.asarray(key_mask)
+
+
+def cluster_stats(points, means, *, impl="auto", key_mask=None):
     """Where each point goes, and the per-cluster statistics of one forward pass.
 
     Parameters
@@ -206,6 +213,9 @@ def cluster_stats(points, means, *, impl="auto"):
     means : array (H, K, D)
         Centroids as they are at the start of the step.
     impl : {"auto", "ref", "numba", "cupy"}
+    key_mask : bool array (B, T), optional
+        True at real tokens.  Padding joins no cluster: its assignment is -1
+        and it enters no sum and no count (docs/algorithm.md#8-padding).
 
     Returns
     -------
@@ -224,10 +234,12 @@ def cluster_stats(points, means, *, impl="auto"):
     streams = [getval(x) for x in _checks.points(points, means)]
     xp = backend.get_array_module(means, *streams)
     impl = backend.resolve_impl(impl, xp)
+    key_mask = _padding(key_mask, streams[0], xp)
     # On a GPU ("cupy") the reference itself is the fast path: one matrix product, an argmax,
     # and the sums by the deterministic scatter-add of ops.scatter_add_rows.
     with backend.use_impl(impl, xp):  # the scatter-add of the sums follows impl too
-        results = [_stats_reference(x, means) if impl != "numba" else _stats_numba(x, means) for x in streams]
+        results = [_stats_numba(x, means) if impl == "numba" and key_mask is None
+                   else _stats_reference(x, means, key_mask) for x in streams]
     return {
         "assignments": xp.stack([r[0] for r in results]),  # S x (B, H, T) -> (S, B, H, T)
         "sums": xp.stack([r[1] for r in results]),  # S x (H, K, D) -> (S, H, K, D)
@@ -235,21 +247,29 @@ def cluster_stats(points, means, *, impl="auto"):
     }
 
 
-def _stats_reference(x, means):
+def _stats_reference(x, means, key_mask=None):
     assignments = nearest(x, means)  # (B, H, T)
+    if key_mask is not None:
+        assignments = backend.get_array_module(x).where(key_mask[:, None, :], assignments, -1)  # padding: -1
     return (assignments, *_sums_and_counts(x, assignments, means.shape[1]))
 
 
 def _sums_and_counts(x, assignments, K):
-    """Per-cluster sums (H, K, D) and counts (H, K) of points x (B, H, T, D) sent to ``assignments`` (B, H, T)."""
+    """Per-cluster sums (H, K, D) and counts (H, K) of points x (B, H, T, D) sent to ``assignments`` (B, H, T).
+
+    An assignment of -1 (padding) counts in no cluster: it goes to an extra cluster K, dropped at the end.
+    """
     xp = backend.get_array_module(x)
     B, H, T, D = x.shape
+    padded = bool((assignments < 0).any())
+    if padded:
+        assignments, K = xp.where(assignments < 0, K, assignments), K + 1
     per_head = assignments.transpose(1, 0, 2).reshape(H, B * T)  # (H, B*T), in (b, t) order
     # sums[h, a[b, h, t]] += x[b, h, t], in (b, t) order: a scatter-add of rows, head by head.
     sums = ops.scatter_add_rows(x.transpose(1, 0, 2, 3).reshape(H, B * T, D), per_head, K)  # (H, K, D)
     heads = xp.arange(H)[:, None] * K  # (H, 1): each head's clusters get their own counters
     counts = xp.bincount((per_head + heads).reshape(-1), minlength=H * K).reshape(H, K).astype(xp.int64)
-    return sums, counts
+    return (sums[:, :-1], counts[:, :-1]) if padded else (sums, counts)
 
 
 def _stats_numba(x, means):
@@ -326,7 +346,7 @@ def _top_w(scores, W, impl):
     return cupy_kmeans.top_w_positions(scores, W)
 
 
-def route(points, means, window_size, *, impl="auto"):
+def route(points, means, window_size, *, impl="auto", key_mask=None):
     """Both routing decisions of one stream from one score matrix: nearest centroid and top-W.
 
     :func:`cluster_stats` and :func:`balanced_membership` each compare every
@@ -344,6 +364,11 @@ def route(points, means, window_size, *, impl="auto"):
     window_size : int
         W, members per cluster, 1 <= W <= T.
     impl : {"auto", "ref", "numba", "cupy"}
+    key_mask : bool array (B, T), optional
+        True at real tokens.  Padding ranks below every real token in every
+        cluster (its score counts as -inf), so a window holds padding only
+        when its row has fewer than W real tokens; padding's assignment is -1
+        and it enters no statistic (docs/algorithm.md#8-padding).
 
     Returns
     -------
@@ -362,12 +387,18 @@ def route(points, means, window_size, *, impl="auto"):
     """
     x, means, W, impl, scores = _scores_of_one_stream(points, means, window_size, impl, "route")
     xp = backend.get_array_module(scores)
-    if impl == "numba":  # one pass over the scores for both decisions
+    key_mask = _padding(key_mask, x, xp)
+    if key_mask is not None:
+        real = key_mask[:, None, None, :]  # (B, 1, 1, T)
+        scores = xp.where(real, scores, -xp.inf)  # (B, H, K, T): padding ranks last in every cluster
+    if impl == "numba" and key_mask is None:  # one pass over the scores for both decisions
         from rt_numpy.kernels import numba_kmeans
 
         assignments, sums, counts, windows = numba_kmeans.route_from_scores(scores, np.ascontiguousarray(x), W)
         return {"assignments": assignments, "sums": sums, "counts": counts, "windows": windows}
     assignments = xp.argmax(scores, axis=-2)  # (B, H, K, T) -> (B, H, T): the first maximum wins
+    if key_mask is not None:
+        assignments = xp.where(real[:, :, 0], assignments, -1)  # padding joins no cluster
     with backend.use_impl(impl, xp):  # the scatter-add of the sums follows impl too
         sums, counts = _sums_and_counts(x, assignments, means.shape[1])
     return {"assignments": assignments, "sums": sums, "counts": counts, "windows": _top_w(scores, W, impl)}
@@ -482,7 +513,7 @@ def kmeans_step(state, points, *, centroid_update="ema", ema_decay=0.999, laplac
 
 
 # ------------------------------------------------------------------ commitment loss
-def commitment_loss(points, means, *, commitment=1e-4, commitment_qk="sum", assignments=None):
+def commitment_loss(points, means, *, commitment=1e-4, commitment_qk="sum", assignments=None, key_mask=None):
     """beta times the mean squared distance of each point to its nearest centroid.
 
     Parameters
@@ -501,6 +532,9 @@ def commitment_loss(points, means, *, commitment=1e-4, commitment_qk="sum", assi
         Each stream's nearest centroids, when the caller has them already (routing
         attention reads them from the routing scores); computed with
         :func:`nearest` otherwise.
+    key_mask : bool array (B, T), optional
+        True at real tokens: the mean is over real tokens only
+        (docs/algorithm.md#8-padding); 0 when there are none.
 
     Returns
     -------
@@ -519,14 +553,24 @@ def commitment_loss(points, means, *, commitment=1e-4, commitment_qk="sum", assi
     streams = _checks.points(points, mu)
     if assignments is None:
         assignments = [nearest(getval(x), mu) for x in streams]  # S x (B, H, T)
-    heads = backend.get_array_module(mu).arange(mu.shape[0])[None, :, None]  # (1, H, 1)
+    xp = backend.get_array_module(mu)
+    heads = xp.arange(mu.shape[0])[None, :, None]  # (1, H, 1)
+    key_mask = _padding(key_mask, getval(streams[0]), xp)
+    if key_mask is not None:
+        real = key_mask[:, None, :, None].astype(mu.dtype)  # (B, 1, T, 1)
+        B, H, T, D = getval(streams[0]).shape
+        elements = max(1, int(key_mask.sum())) * H * D  # the real tokens' numbers
     errors = []
     for i, (x, a) in enumerate(zip(streams, assignments)):
         if i and x is streams[i - 1]:
             errors.append(errors[-1])
             continue
         target = mu[heads, a]  # (H, K, D) gathered -> (B, H, T, D), a constant
-        errors.append(ops.mean(ops.square(ops.subtract(x, target))))
+        squared = ops.square(ops.subtract(x, target))  # (B, H, T, D)
+        if key_mask is None:
+            errors.append(ops.mean(squared))
+        else:
+            errors.append(ops.scale(ops.sum(ops.multiply(squared, real)), 1.0 / elements))
     total = errors[0]
     for e in errors[1:]:
         total = ops.add(total, e)

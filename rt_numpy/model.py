@@ -220,7 +220,7 @@ def _dropout(x, rate, rng):
     return ops.multiply(x, ops.scale(keep, 1.0 / (1.0 - rate)))
 
 
-def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=None):
+def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=None, key_mask=None):
     """Logits of the next byte at every position.
 
     Parameters
@@ -239,6 +239,13 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=Non
     trace : dict, optional
         Receives ``{"h{i}": {"q": ..., "k": ..., "v": ...}}``, every layer's
         per-head queries, keys and values (B, H, T', D), as plain arrays.
+    key_mask : bool array (B, T'), optional
+        True at real tokens, False at padding (docs/algorithm.md#8-padding).
+        No attention head sees a padded token, padding joins no cluster and
+        enters no k-means statistic or commitment loss.  The logits at padded
+        positions are computed but mean nothing: leave them out of the loss
+        (:func:`loss` does).  Pad on the right, so that positions stay those
+        of the unpadded rows.
 
     Returns
     -------
@@ -254,11 +261,10 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=Non
     B, T = ids_v.shape
     if not 1 <= T <= cfg.seq_len:
         raise ValueError(f"ids must have 1 <= T <= seq_len={cfg.seq_len}, got T={T}")
-    if T % cfg.block_size:
-        raise ValueError(f"T={T} must be a multiple of block_size={cfg.block_size}")
     if ids_v.size and (int(ids_v.min()) < 0 or int(ids_v.max()) >= cfg.vocab_size):
         raise ValueError(f"ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
                          f"[{int(ids_v.min())}, {int(ids_v.max())}]")
+    key_mask = _checks.key_mask(key_mask, B, T)
     missing = [f"h{i}" for i in range(cfg.n_layers) if cfg.is_routing_layer(i)
                and not (isinstance(kmeans_states, dict) and f"h{i}" in kmeans_states)]
     if missing:
@@ -278,7 +284,8 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=Non
         for i in range(cfg.n_layers):
             means = kmeans_states[f"h{i}"]["means"] if cfg.is_routing_layer(i) else None
             layer_trace = None if trace is None else trace.setdefault(f"h{i}", {})
-            x, layer_loss, layer_stats = block(x, params, i, cfg, means, rotary=rotary, rng=rng, trace=layer_trace)
+            x, layer_loss, layer_stats = block(x, params, i, cfg, means, rotary=rotary, rng=rng, trace=layer_trace,
+                                               key_mask=key_mask)
             if layer_stats is not None:
                 commitment = ops.add(commitment, layer_loss)
                 stats[f"h{i}"] = layer_stats
@@ -296,7 +303,7 @@ def lsh_rotations(cfg, i):
                                    seed=cfg.lsh_seed + i, dtype=np.dtype(cfg.dtype))
 
 
-def block(x, params, i, cfg, means, *, rotary=None, rng=None, trace=None):
+def block(x, params, i, cfg, means, *, rotary=None, rng=None, trace=None, key_mask=None):
     """Transformer block ``i``, pre-LN: ``x + attention(LN(x))``, then ``x + MLP(LN(x))``.
 
     Parameters
@@ -314,6 +321,8 @@ def block(x, params, i, cfg, means, *, rotary=None, rng=None, trace=None):
         Dropout randomness; None = no dropout.
     trace : dict, optional
         Receives the layer's queries and keys (:func:`rt_numpy.attention.multihead_attention`).
+    key_mask : bool array (B, T), optional
+        True at real tokens (:func:`forward`).
 
     Returns
     -------
@@ -338,19 +347,46 @@ def block(x, params, i, cfg, means, *, rotary=None, rng=None, trace=None):
         shared_qk=cfg.shared_qk, self_attend=cfg.self_attend, rotary=rotary, kind=cfg.attention,
         stride=cfg.stride, rotations=lsh_rotations(cfg, i), norm=cfg.norm, logits=cfg.logits,
         membership=cfg.membership, combine_eps=cfg.combine_eps, commitment=cfg.commitment,
-        commitment_qk=cfg.commitment_qk, trace=trace)
+        commitment_qk=cfg.commitment_qk, trace=trace, key_mask=key_mask)
     x = ops.add(x, _dropout(y, cfg.dropout, rng))
     h = ops.layer_norm(x, params[p + "ln2.g"], params[p + "ln2.b"])
     h = ops.gelu(ops.add(ops.matmul(h, params[p + "mlp.w_in"]), params[p + "mlp.b_in"]))  # (B, T, C) -> (B, T, F)
     h = ops.add(ops.matmul(h, params[p + "mlp.w_out"]), params[p + "mlp.b_out"])  # (B, T, F) -> (B, T, C)
     return ops.add(x, _dropout(h, cfg.dropout, rng)), loss, stats
-def loss(params, ids, targets, cfg, kmeans_states, *, rng=None, impl="auto"):
-    """Mean next-byte cross-entropy (nats) plus the commitment losses.
+def loss(params, ids, targets, cfg, kmeans_states, *, rng=None, impl="auto", key_mask=None, mask=None):
+    """Mean next-byte cross-entropy (nats) over the counted targets, plus the commitment losses.
 
-    Returns ``(total, aux)``; ``aux`` adds ``cross_entropy`` to :func:`forward`'s aux.
+    Parameters
+    ----------
+    params, ids, cfg, kmeans_states, rng, impl, key_mask
+        As in :func:`forward`.
+    targets : int array (B, T')
+        The next byte at every position.
+    mask : bool array (B, T'), optional
+        The targets that count (a recall task's answers, say).  By default
+        those at real tokens (``key_mask``), or every target without padding;
+        with both, the targets where both are True.
+
+    Returns
+    -------
+    total : scalar
+    aux : dict
+        :func:`forward`'s aux, plus ``cross_entropy``.
     """
-    logits, aux = forward(params, ids, cfg, kmeans_states, rng=rng, impl=impl)
-    with backend.use_impl(impl, backend.get_array_module(getval(logits))):
-        ce = ops.cross_entropy(logits, targets)
+    logits, aux = forward(params, ids, cfg, kmeans_states, rng=rng, impl=impl, key_mask=key_mask)
+    B, T, V = getval(logits).shape
+    masks = [backend.to_numpy(_checks.key_mask(m, B, T, name))
+             for name, m in (("key_mask", key_mask), ("mask", mask)) if m is not None]
+    xp = backend.get_array_module(getval(logits))
+    with backend.use_impl(impl, xp):
+        if not masks:
+            ce = ops.cross_entropy(logits, targets)
+        else:
+            counted = np.logical_and.reduce(masks).reshape(-1)  # (B*T',): the targets that count
+            if not counted.any():
+                raise ValueError("mask and key_mask leave no target to count")
+            rows = xp.asarray(np.flatnonzero(counted))  # (N,) flat indices of the counted targets
+            picked = ops.gather_rows(ops.reshape(logits, (-1, V)), rows)  # (B*T', V) -> (N, V)
+            ce = ops.cross_entropy(picked, xp.reshape(xp.asarray(targets), (-1,))[rows])
     aux["cross_entropy"] = ce
     return ops.add(ce, aux["commitment"]), aux

@@ -64,14 +64,17 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- one step
-def train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, step, rng, impl="auto", mask=None):
+def train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, step, rng, impl="auto", mask=None, key_mask=None):
     """One optimisation step; returns ``(params, opt_state, kmeans_states, metrics)``.
 
     ``x``, ``y`` (B, T) int arrays: inputs and next-byte targets, copied to the
     device of the parameters if needed.  ``rng`` drives dropout.  ``mask`` (B, T)
     bool, optional: the cross-entropy counts only these targets (the answers of a
-    recall task); None counts every one.  ``metrics`` holds ``loss``,
-    ``cross_entropy``, ``commitment``, ``grad_norm`` and ``lr`` as Python floats.
+    recall task).  ``key_mask`` (B, T) bool, optional: True at real tokens of a
+    padded batch (docs/algorithm.md#8-padding); padding is hidden from attention,
+    from the k-means update and from the loss (:func:`rt_numpy.model.loss`).
+    ``metrics`` holds ``loss``, ``cross_entropy``, ``commitment``, ``grad_norm``
+    and ``lr`` as Python floats.
     """
     captured = {}
     xp = backend.get_array_module(params["wte"])
@@ -79,14 +82,8 @@ def train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, step, rng, imp
     dropout_rng = rng if cfg.dropout > 0 else None
 
     def objective(p):
-        if mask is None:
-            total, aux = model.loss(p, x, y, cfg, kmeans_states, rng=dropout_rng, impl=impl)
-        else:
-            rows = xp.asarray(np.flatnonzero(np.asarray(mask).reshape(-1)))  # (N,) flat indices of the targets
-            logits, aux = model.forward(p, x, cfg, kmeans_states, rng=dropout_rng, impl=impl)  # (B, T, V)
-            picked = ops.gather_rows(ops.reshape(logits, (-1, cfg.vocab_size)), rows)  # (N, V)
-            aux["cross_entropy"] = ops.cross_entropy(picked, y.reshape(-1)[rows])
-            total = ops.add(aux["cross_entropy"], aux["commitment"])
+        total, aux = model.loss(p, x, y, cfg, kmeans_states, rng=dropout_rng, impl=impl, mask=mask,
+                                key_mask=key_mask)
         captured.update(aux)
         return total
 
@@ -122,6 +119,44 @@ def evaluate(params, kmeans_states, cfg, split, *, batch_size, max_batches=None,
         raise ValueError(f"the split ({len(split)} bytes) is too short for one window of seq_len={cfg.seq_len}")
     nats = total / count
     return {"cross_entropy": nats, "bits_per_byte": data.bits_per_byte(nats)}
+
+
+def evaluate_documents(params, kmeans_states, cfg, docs, *, batch_size, impl="auto"):
+    """Bits per byte of every document, each read on its own (padded batches, docs/algorithm.md#8-padding).
+
+    Parameters
+    ----------
+    params, kmeans_states, cfg
+        The model.
+    docs : list of int arrays
+        From :func:`rt_numpy.data.documents`.  A document of n bytes is scored on its n - 1 targets, in windows
+        of ``cfg.seq_len`` that never see another document (:func:`rt_numpy.data.document_batches`).
+    batch_size : int
+    impl : {"auto", "ref", "numba", "cupy"}
+
+    Returns
+    -------
+    dict
+        ``bytes`` (n_docs,) int64, the targets scored per document; ``bits_per_byte`` (n_docs,) float64,
+        NaN for a document with no target; ``mean_bits_per_byte``, over all scored bytes.
+    """
+    nats = np.zeros(len(docs))
+    counts = np.zeros(len(docs), np.int64)
+    xp = backend.get_array_module(params["wte"])
+    for x, y, key_mask, doc in data.document_batches(docs, batch_size, cfg.seq_len):
+        logits, _ = model.forward(params, xp.asarray(x), cfg, kmeans_states, impl=impl, key_mask=xp.asarray(key_mask))
+        logits = backend.to_numpy(getval(logits)).astype(np.float64)  # (b, T, V)
+        top = logits.max(axis=-1, keepdims=True)
+        log_z = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]  # (b, T)
+        nll = log_z - np.take_along_axis(logits, y[..., None], axis=-1)[..., 0]  # (b, T), nats
+        np.add.at(nats, doc, (nll * key_mask).sum(axis=1))
+        np.add.at(counts, doc, key_mask.sum(axis=1))
+    if not counts.any():
+        raise ValueError(f"docs ({len(docs)} documents) hold no target: every document has fewer than 2 bytes")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_doc = data.bits_per_byte(nats / counts)  # NaN where a document has no target
+    return {"bytes": counts, "bits_per_byte": per_doc,
+            "mean_bits_per_byte": data.bits_per_byte(nats.sum() / counts.sum())}
 
 
 # --------------------------------------------------------------------------- checkpoints
