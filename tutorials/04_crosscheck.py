@@ -27,6 +27,8 @@
 # 5. what each **convention** difference between the official code and the port does to the numbers;
 # 6. the **golden vectors** in `tests/golden/`, for a check with no Python in common at all;
 # 7. **is it causal?** A certificate for any attention callable, run on rt_numpy and on the port.
+# 8. **inside a trained model**: the attention matrix a head really computes, and how much of its
+#    dense softmax mass the routing windows keep.
 #
 # The worked example of steps 1-3 is a from-scratch NumPy implementation written here, so the
 # notebook runs to the end without torch. Letters as in docs/algorithm.md#alphabet: q, k, v are (B, H, T, D),
@@ -401,6 +403,109 @@ if HAVE_PORT:
     assert not cert.passed  # the port trains with balanced membership too: the same leak
 
 # %% [markdown]
+# ## 8. Looking inside a model: the attention it really computes
+#
+# So far we checked one attention call. `rt_numpy.introspect` looks at a whole model:
+# `attention_matrix(params, ids, cfg, states, layer=, head=)` rebuilds, from one traced forward pass,
+# the (T, T) matrix A of a head whose output is exactly `A @ v` (tests/test_introspect.py holds it to
+# 1e-10 for every kind of head), and `routes(...)` returns the windows of every routing layer. We
+# train a tiny model for a few seconds on the Python corpus: two layers of four heads; in the second,
+# heads 0-1 route (K = 4 windows of W = 16) and heads 2-3 are local (blocks of 16, one block back).
+
+# %%
+from matplotlib.colors import PowerNorm  # noqa: E402
+
+from rt_numpy import baselines, data, introspect, model, optim, train  # noqa: E402
+
+cfg_m = model.Config(seq_len=64, width=32, n_layers=2, num_heads=4, n_route_heads=2, n_route_layers=1,
+                     num_clusters=4, window_size=16, block_size=16)
+tcfg_m = train.TrainConfig(steps=60 if FAST else 200, batch_size=8, warmup_steps=5, eval_every=0)
+corpus = data.split(data.load_corpus("python")[0])  # {"train", "val", "test"}: byte ids
+rng_m = np.random.default_rng(0)
+params_m, states_m = model.init_params(cfg_m, rng_m), model.init_kmeans(cfg_m, rng_m)
+opt_m = optim.adamw_init(params_m)
+for step in range(tcfg_m.steps):
+    x, y = data.random_batches(corpus["train"], tcfg_m.batch_size, cfg_m.seq_len, rng_m)  # (B, T), (B, T)
+    params_m, opt_m, states_m, metrics = train.train_step(params_m, opt_m, states_m, x, y, cfg_m, tcfg_m, step,
+                                                          rng_m)
+ids = corpus["val"][1000:1000 + cfg_m.seq_len].astype(np.int64)[None]  # (1, T): held-out bytes
+print(f"{tcfg_m.steps} steps, last batch {data.bits_per_byte(metrics['cross_entropy']):.2f} bits/byte; "
+      f"snippet {data.decode(ids[0])!r}")
+
+# %% [markdown]
+# The matrices of a routing head and a local head of layer 1, and the windows of the routing head.
+# Two checks that the pictures show what the head computes: A is nonzero exactly where the
+# visibility pattern of the windows (or of the local blocks) lets query i see key j, and each row
+# sums to n / (n + combine_eps) for a token in n windows (the scatter-mean), so to 0 for a token in
+# none; a local row sums to 1.
+
+# %%
+T_m, K_m = ids.shape[1], cfg_m.num_clusters
+A_route = introspect.attention_matrix(params_m, ids, cfg_m, states_m, layer=1, head=0)[0]  # (T, T)
+A_local = introspect.attention_matrix(params_m, ids, cfg_m, states_m, layer=1, head=2)[0]  # (T, T)
+win = introspect.routes(params_m, ids, cfg_m, states_m)["h1"]["windows"][:, :1]  # (1, 1, K, W): head 0
+seen = baselines.visibility("routing", T_m, windows=win)[0, 0]  # (T, T): in how many windows i sees j
+seen_local = baselines.visibility("local", T_m, block_size=cfg_m.block_size, look_back=cfg_m.look_back)
+n_in = np.bincount(win.ravel(), minlength=T_m)  # (T,): windows holding each token
+assert np.array_equal(A_route > 0, seen > 0) and np.array_equal(A_local > 0, seen_local > 0)  # the pattern
+np.testing.assert_allclose(A_route.sum(1), n_in / (n_in + cfg_m.combine_eps), rtol=0, atol=1e-12)  # 0 if in none
+np.testing.assert_allclose(A_local.sum(1), 1.0, rtol=0, atol=1e-12)
+
+first = np.full(T_m, K_m)  # each token's first window (K: in none), to sort the positions by cluster
+for c in reversed(range(K_m)):
+    first[win[0, 0, c]] = c
+order = np.argsort(first, kind="stable")  # by cluster, then by position
+edges = np.cumsum(np.bincount(first, minlength=K_m + 1))  # where each group ends in the sorted order
+centres = (np.concatenate([[0], edges[:-1]]) + edges) / 2 - 0.5
+fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), layout="constrained")
+colours = dict(cmap="viridis", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+for ax, M, title in ((axes[0], A_route, "routing head (layer 1, head 0)"),
+                     (axes[1], A_route[np.ix_(order, order)], "the same, positions grouped by window"),
+                     (axes[2], A_local, "local head (layer 1, head 2)")):
+    shown = ax.imshow(np.ma.masked_equal(M, 0), **colours)  # masked (white): a key the query does not see
+    ax.set(title=title, xlabel="key position", ylabel="query position")
+names = [f"w{c}" for c in range(K_m)] + ["none"]
+axes[1].set(xticks=centres, xticklabels=names, yticks=centres, yticklabels=names,
+            xlabel="key, by first window", ylabel="query, by first window")
+for e in edges[:-1]:
+    axes[1].axhline(e - 0.5, color="0.6", lw=0.6)
+    axes[1].axvline(e - 0.5, color="0.6", lw=0.6)
+fig.colorbar(shown, ax=axes, shrink=0.85, label="attention weight (white: not seen)")
+fig.savefig(FIG_DIR / "04_attention_matrices.png", dpi=100)
+plt.show()
+
+# %% [markdown]
+# In the sorted panel each window is a triangle on the diagonal (causal inside the window); the few
+# weights off the blocks belong to tokens held by two windows, and the last rows, of tokens held by
+# none, are empty: the routing head gives them 0 and only the local heads carry them.
+#
+# **Attention-mass recall** asks what the windows leave out: had this head attended to every earlier
+# key with its own logits (qn · qn, the `"normalized"` logits), how much of each query's softmax mass
+# would fall on the keys its windows show? A content-blind choice of as many keys per query keeps, on
+# average, their share of the earlier keys; routing earns its keep if it does better than that.
+
+# %%
+trace_m = {}
+model.forward(params_m, ids, cfg_m, states_m, trace=trace_m)
+qn_m = kmeans.normalize(trace_m["h1"]["q"][:, :1], cfg_m.norm)  # (1, 1, T, D): routing head 0
+recall, blind = {}, {}
+for name, counts in (("routing windows", seen), ("local blocks", seen_local),
+                     ("dense", baselines.visibility("dense", T_m))):
+    recall[name] = baselines.attention_mass_recall(qn_m, qn_m, counts, scale=1.0).mean()
+    blind[name] = np.mean((counts > 0).sum(1) / np.arange(1, T_m + 1))  # a random pick of as many earlier keys
+    print(f"{name:16s} {baselines.keys_per_query(counts):5.1f} keys per query   mass recall {recall[name]:.2f}   "
+          f"(content-blind, as many keys: {blind[name]:.2f})")
+print(f"{(n_in == 0).sum()} of {T_m} tokens are in no window of head 0")
+assert recall["routing windows"] > blind["routing windows"]  # the windows pick keys by content
+
+# %% [markdown]
+# After the full 200 steps the windows keep about 1.5 times the mass of a blind pick of as many keys
+# (0.41 against 0.28 when this was written; the cell above prints this run's numbers), while the local
+# blocks keep no more than their share of the keys: what
+# this head would attend to is found by content, not by distance. After the 60 steps of the fast run
+# the centroids have only begun to separate, and the gain is small.
+
+# %% [markdown]
 # ## Summary
 #
 # * `crosscheck.reference(...)` gives every intermediate a framework author wants, with documented
@@ -413,3 +518,5 @@ if HAVE_PORT:
 #   1e-15 in practice); with the official defaults it does not, by design: section 5 shows by how much.
 # * `causality.certify(fn, x, rng=...)` tells whether any attention callable looks ahead; balanced
 #   membership does, in rt_numpy and in the port alike, and `membership="nearest"` does not.
+# * `introspect.attention_matrix` and `introspect.routes` show what a model's heads compute;
+#   `baselines.attention_mass_recall` measures what the windows leave out.
