@@ -92,8 +92,30 @@ def cmd_eval(args):
         result = train.evaluate(params, kmeans_states, cfg, splits[name],
                                 batch_size=tcfg.batch_size, max_batches=args.max_batches, impl=args.impl)
         print(f"{name}: {result['bits_per_byte']:.4f} bits/byte ({result['cross_entropy']:.4f} nats)")
+    if args.per_document is not None:
+        if args.per_document < 0:
+            raise SystemExit(f"--per-document must be >= 0, got {args.per_document}")
+        _print_documents(params, kmeans_states, cfg, splits["test"], tcfg, args.per_document, args.impl)
     print(f"corpus {tcfg.corpus!r} sha256 {sha}; checkpoint step {state['step']}")
     return 0
+
+
+def _print_documents(params, kmeans_states, cfg, split, tcfg, n_shown, impl):
+    """Bits per byte of every test document on its own (docs/algorithm.md#8-padding): a summary and the extremes."""
+    from rt_numpy import train
+
+    docs = data.documents(split, data.DOCUMENT_MARKERS[tcfg.corpus])
+    result = train.evaluate_documents(params, kmeans_states, cfg, docs, batch_size=tcfg.batch_size, impl=impl)
+    scored = np.flatnonzero(result["bytes"] > 0)
+    bits = result["bits_per_byte"][scored]
+    print(f"test documents: {len(scored)} scored, {result['bytes'].sum()} bytes; "
+          f"{result['mean_bits_per_byte']:.4f} bits/byte over all bytes, median document {np.median(bits):.4f}, "
+          f"quartiles {np.quantile(bits, 0.25):.4f} .. {np.quantile(bits, 0.75):.4f}")
+    order = scored[np.argsort(bits, kind="stable")]
+    for label, picked in (("lowest", order[:n_shown]), ("highest", order[::-1][:n_shown])):
+        for d in picked:
+            title = data.decode(docs[d][:60]).split("\n")[0]
+            print(f"  {label:7s} {result['bits_per_byte'][d]:7.4f} bits/byte  {result['bytes'][d]:7d} bytes  {title}")
 
 
 def cmd_certify(args):
@@ -195,6 +217,9 @@ def main(argv=None) -> int:
             p.add_argument("--seed", type=int, default=0)
         else:
             p.add_argument("--max-batches", dest="max_batches", type=int, default=None)
+            p.add_argument("--per-document", dest="per_document", type=int, nargs="?", const=5, default=None,
+                           metavar="N", help="also score every test document on its own (padded batches) "
+                                             "and show the N lowest and highest (default 5)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("certify", help="does a checkpoint's output at i depend on bytes after i? (exit 1 if so)")

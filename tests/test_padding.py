@@ -278,3 +278,19 @@ def test_evaluate_documents_equals_each_document_alone():
     np.testing.assert_allclose(result["mean_bits_per_byte"], mean, rtol=1e-12)
     with pytest.raises(ValueError, match="hold no target"):
         train.evaluate_documents(params, states, cfg, [np.array([1])], batch_size=2)
+
+
+def test_cli_prints_per_document_summary_and_extremes(capsys):
+    from types import SimpleNamespace
+
+    from rt_numpy import __main__ as cli
+
+    cfg, params, states, _ = _model("routing")
+    cfg = model.Config(**{**cfg.to_dict(), "vocab_size": 256})
+    params, states = model.init_params(cfg, np.random.default_rng(0)), model.init_kmeans(cfg, np.random.default_rng(0))
+    split = data.encode("tail# file: a.py\nx = 1\n# file: b.py\n" + "y = 2\n" * 9)
+    cli._print_documents(params, states, cfg, split, SimpleNamespace(corpus="python", batch_size=4), 1, "auto")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("test documents: 3 scored, ")
+    assert len(lines) == 3 and lines[1].split()[0] == "lowest" and lines[2].split()[0] == "highest"
+    assert {lines[1].split()[-1], lines[2].split()[-1]} <= {"tail", "a.py", "b.py"}
