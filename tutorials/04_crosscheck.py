@@ -68,8 +68,8 @@ print("FAST =", FAST, "| PyTorch port installed:", HAVE_PORT, "| figures saved i
 # * **The same conventions.** The official code and the port differ in six routing options
 #   (section 5). `crosscheck.official_conventions()` are rt_numpy's defaults;
 #   `crosscheck.port_conventions(shared_qk)` are the port's. Pick the set your code follows.
-# * **An upstream gradient.** A random g (not ones) for the output, so that the gradients of
-#   `sum(g * out)` check every output element with a different weight.
+# * **An upstream gradient.** A random $g$ (not ones) for the output, so that the gradients of
+#   $L = \sum_{b,h,t,d} g_{bhtd}\,\text{out}_{bhtd}$ check every output element with a different weight.
 #
 # Small sizes keep every number printable; float64 leaves rounding out of the way.
 
@@ -111,15 +111,26 @@ assert all(np.array_equal(case[n], ref[n]) for n in ref)
 # ## 3. Your implementation, compared by name
 #
 # Here is "your" implementation: routing attention written from scratch with plain loops, following
-# the port's conventions (docs/algorithm.md#1-one-routing-head). Per head:
+# the port's conventions (docs/algorithm.md#1-one-routing-head). Per head, with $x_t$ the query of
+# position $t$ (shared QK: the keys are the queries):
 #
-# 1. routing vectors: the queries scaled to unit length, `x̂ = x / max(|x|, 1e-12)`;
-# 2. similarities `x̂ μᵀ`; each cluster takes its W most similar queries (top-k order);
-# 3. inside a cluster: logits `q_i · k̂_j / √D` with unit keys, the causal mask by original
-#    positions, the self logit set to −5e4 ("last resort"), softmax, times the values;
-# 4. scatter-mean: each token averages the outputs of the clusters it is in, `/ (count + 1e-5)`;
-# 5. commitment loss `1e-4 · mean((x̂ − μ_{a(x)})²)` with `a(x)` the nearest centroid;
-# 6. centroid update `μ ← 0.999 μ + 0.001 · normalize(Σ_{a(x)=c} x̂)` (an empty cluster keeps μ).
+# 1. routing vectors: the queries scaled to unit length (docs/algorithm.md#11-normalise),
+#    $\hat x_t = x_t / \max(\lVert x_t \rVert, 10^{-12})$;
+# 2. similarities $S = \hat X \mu^\top \in \mathbb{R}^{T \times K}$; cluster $c$ takes the $W$ positions with
+#    the largest $S_{tc}$, its window $I_c$, in top-k order (docs/algorithm.md#13-membership);
+# 3. inside a cluster (docs/algorithm.md#14-attention-inside-a-cluster): for window ranks $r, s$, logits
+#    $\ell_{rs} = x_{I_c[r]} \cdot \hat x_{I_c[s]} / \sqrt D$; the causal mask by *original* positions,
+#    $\ell_{rs} = -\infty$ where $I_c[s] > I_c[r]$; the self logit $\ell_{rr} = -5 \cdot 10^4$ ("last resort");
+#    then $P_c = \operatorname{softmax}(\ell)$ by rows and $O_c = P_c\, V[I_c]$;
+# 4. scatter-mean (docs/algorithm.md#15-combine): each token averages the outputs of the $n_i$ windows
+#    it is in,
+#    $$\text{out}_i = \frac{\sum_{(c, r):\, I_c[r] = i} (O_c)_r}{n_i + \varepsilon}, \qquad \varepsilon = 10^{-5};$$
+# 5. commitment loss (docs/algorithm.md#18-commitment-loss), a mean over all $N D$ elements, with
+#    $a(x) = \arg\max_c \hat x \cdot \mu_c$ the nearest centroid and $\beta = 10^{-4}$:
+#    $$\beta\, \frac{1}{N D} \sum_x \big\lVert \hat x - \mu_{a(x)} \big\rVert^2;$$
+# 6. centroid update (docs/algorithm.md#16-centroid-update), with $\Sigma_c = \sum_{a(x) = c} \hat x$ and
+#    $\lambda = 0.999$: $\mu_c \leftarrow \lambda \mu_c + (1 - \lambda)\, \Sigma_c / \lVert \Sigma_c \rVert$; an empty
+#    cluster keeps its $\mu_c$.
 
 # %%
 def my_routing_attention(q, v, means, W, *, scale_logits=True, eps=1e-5, beta=1e-4, decay=0.999):
@@ -164,12 +175,15 @@ for name, error in errors.items():
     print(f"{name:14s} relative error {error:.1e}")
 
 # %% [markdown]
-# `compare` measures a float array's error relative to its largest value (elements near zero do not
-# blow it up), compares integer arrays exactly, and compares **windows as sets**: rt_numpy's windows
+# `compare` measures a float array's error relative to its largest value, so elements near zero do not
+# blow it up. For an expected array $e$ and yours $a$:
+# $$\text{err}(a, e) = \frac{\max_i |a_i - e_i|}{\max_i |e_i|}.$$
+# It compares integer arrays exactly (the error is the fraction of entries that differ), and it compares
+# **windows as sets**: rt_numpy's windows
 # are sorted by position, the port's (and those of the from-scratch code above) by decreasing
 # similarity, a convention that changes no output.
 #
-# What does a failing check look like? Forget the 1/√D (the official code has none, the port has
+# What does a failing check look like? Forget the $1/\sqrt D$ (the official code has none, the port has
 # it) and `assert_close` names every array that moved:
 
 # %%
@@ -185,9 +199,16 @@ except AssertionError as failure:
 # That is the point of comparing by name.
 #
 # **Gradients without autodiff.** Our NumPy implementation has no backward pass, but the reference
-# gradients can still be checked: along any direction r, `sum(grad_q * r)` must equal the central
-# difference `(f(q + h r) − f(q − h r)) / 2h` of `f(q) = sum(upstream * out(q)) + commitment(q)`.
-# (The routing decisions are piecewise constant, so h must be small enough not to change them.)
+# gradients can still be checked. Take
+# $$f(q) = \sum g \odot \text{out}(q) + \text{commitment}(q).$$
+# Along any direction $r$, the directional derivative $\langle \nabla_q f, r \rangle = \sum_{bhtd}
+# (\nabla_q f)_{bhtd}\, r_{bhtd}$ must equal the central difference
+# $$\frac{f(q + h r) - f(q - h r)}{2h} = \langle \nabla_q f, r \rangle + O(h^2).$$
+# Here $\nabla_q f$ is `grad_q + commitment_grad_q` from the case. The cell asserts agreement to
+# $10^{-6} \max(1, |\langle \nabla_q f, r \rangle|)$. The routing decisions are piecewise constant in $q$, so $h$
+# must be small enough not to change them. The $O(h^2)$ term is not the only error: rounding adds about
+# $\epsilon_{\text{mach}} |f| / h$. With $h = 10^{-6}$ the two sides differ by $10^{-10}$ to $10^{-9}$ here, mostly
+# from rounding, well inside the tolerance.
 
 # %%
 def objective(q_):
@@ -211,7 +232,7 @@ for trial in range(2 if FAST else 5):
 # * `eval()` (no k-means bookkeeping, no dropout) and `dropout=0`;
 # * the centroids written into `module.kmeans.means`, and `module.kmeans.initted` set to True:
 #   otherwise the port replaces them at the first forward, from the batch;
-# * float64 (`.double()`) for the tight check; float32 agrees to about 1e-7 (asserted below 1e-5);
+# * float64 (`.double()`) for the tight check; float32 agrees to about $10^{-7}$ (asserted below $10^{-5}$);
 # * the names mapped: the port's windows come flat, (B, H, K·W), in top-k order; its memory key/value
 #   (separate QK only) have an extra axis of length 1.
 
@@ -262,8 +283,8 @@ else:
 # ## 5. What each convention does to the numbers
 #
 # Start from the port's conventions and switch one option at a time to the official value. The
-# table shows how far each quantity moves (relative error, as `compare` measures it): a difference
-# of 1e-2 in `out` is not rounding, it is a different model.
+# table shows how far each quantity moves (the relative error $\text{err}$ of section 3, as `compare`
+# measures it): a difference of $10^{-2}$ in `out` is not rounding, it is a different model.
 
 # %%
 official = crosscheck.official_conventions()
@@ -291,18 +312,18 @@ for option in differences:
 # %% [markdown]
 # Reading the table (medians over random cases):
 #
-# * `norm` (unit vectors vs layer norm, whose vectors have norm √D) moves everything: routing,
-#   outputs, the commitment loss, the update.
-# * `logits` (raw q against unit keys over √D vs normalised q and k, no √D) and `self_attend` change
-#   the attention inside the clusters: `out` and its gradients, nothing else.
-# * `combine_eps` of the scatter-mean scales each output row by `(count + 1e-5) / (count + 1e-2)`: about
-#   1 % for a token in one cluster.
+# * `norm` (unit vectors vs layer norm, whose vectors have norm about $\sqrt D$) moves everything:
+#   routing, outputs, the commitment loss, the update.
+# * `logits` ($q \cdot \hat k / \sqrt D$, raw queries against unit keys, vs $\hat q \cdot \hat k$ with no $\sqrt D$)
+#   and `self_attend` change the attention inside the clusters: `out` and its gradients, nothing else.
+# * `combine_eps` of the scatter-mean scales the output row of a token in $n$ windows by
+#   $\frac{n + 10^{-5}}{n + 10^{-2}}$: about 1 % for a token in one cluster.
 # * `commitment_qk` doubles the commitment loss with shared QK (the official code adds the queries' error
-#   twice), and its gradient `commitment_grad_q`.
+#   twice, $e_q + e_k = 2 e_q$), and its gradient `commitment_grad_q`.
 # * `centroid_update` (spherical vs the VQ-VAE EMA of counts and sums) changes only the new centroids, and by
-#   a lot here: from a fresh state (counts 0, sums = the centroids, no bias correction) the first EMA
-#   step divides a sum that still holds 0.999 of the initial centroids by a count of about
-#   0.001·N, so the means grow by orders of magnitude before the counts catch up. That is the
+#   a lot here: from a fresh state (counts $n_c = 0$, sums $s_c = \mu_c$, no bias correction) the first EMA
+#   step divides a sum that still holds $\lambda = 0.999$ of the initial centroids by a count of about
+#   $(1 - \lambda) N_c = 0.001\, N_c$, so the means grow by orders of magnitude before the counts catch up. That is the
 #   official behaviour (docs/algorithm.md#16-centroid-update), and why a cross-check of the EMA update
 #   should also start from a state that has seen data, as `tests/golden/kmeans_update.npz` does.
 #
@@ -316,20 +337,29 @@ assert moved["centroid_update"]["new_means"] > 1e-3 and moved["centroid_update"]
 assert all(moved["norm"][n] > 1e-3 for n in quantities)
 assert 0.005 < moved["combine_eps"]["out"] < 0.011  # (c + 1e-5) / (c + 1e-2) - 1 for c >= 1
 
-fig, ax = plt.subplots(figsize=(7, 3.5))
+fig, ax = plt.subplots(figsize=(9, 3.8))  # wide enough for the six option names
 xs = np.arange(len(differences))
 for i, n in enumerate(quantities):
     heights = [max(moved[o][n], 1e-17) for o in differences]  # 0 drawn at the floor
     ax.bar(xs + (i - 1.5) * 0.2, heights, width=0.2, label=n)
+top = 10.0 ** (np.ceil(np.log10(max(max(m.values()) for m in moved.values()))) + 1)  # room above the tallest bar
 ax.set_yscale("log")
-ax.set_ylim(1e-17, 10)
+ax.set_ylim(1e-17, top)
 ax.set_xticks(xs, differences)
-ax.set_ylabel("relative change")
+ax.set_xlabel("option switched from the port's value to the official one")
+ax.set_ylabel("relative change (0 drawn at 1e-17)")
 ax.set_title("Port conventions, one option switched to the official value")
-ax.legend(fontsize=8)
+ax.legend(fontsize=8, ncol=4, loc="upper left")
 fig.tight_layout()
 fig.savefig(FIG_DIR / "04_conventions.png", dpi=100)
 plt.show()
+
+# %% [markdown]
+# *Figure: how far each quantity moves when one option is switched.* A bar at the floor ($10^{-17}$) is
+# exactly 0: that quantity does not depend on the option. Read it column by column: `logits`,
+# `self_attend` and `combine_eps` move only `out` and `grad_q`; `commitment_qk` moves only the loss (by a
+# relative 1, a factor 2); `centroid_update` moves only `new_means`, by orders of magnitude; `norm` moves
+# all four.
 
 # %% [markdown]
 # Beyond these six options the two codes also differ in where the centroids come from and when they
@@ -435,9 +465,9 @@ print(f"{tcfg_m.steps} steps, last batch {data.bits_per_byte(metrics['cross_entr
 # %% [markdown]
 # The matrices of a routing head and a local head of layer 1, and the windows of the routing head.
 # Two checks that the pictures show what the head computes: A is nonzero exactly where the
-# visibility pattern of the windows (or of the local blocks) lets query i see key j, and each row
-# sums to n / (n + combine_eps) for a token in n windows (the scatter-mean), so to 0 for a token in
-# none; a local row sums to 1.
+# visibility pattern of the windows (or of the local blocks) lets query $i$ see key $j$, and row $i$ sums
+# to $n_i / (n_i + \varepsilon)$ for a token in $n_i$ windows (the scatter-mean, $\varepsilon$ = `combine_eps`),
+# so to 0 for a token in none; a local row sums to 1.
 
 # %%
 T_m, K_m = ids.shape[1], cfg_m.num_clusters
@@ -480,9 +510,13 @@ plt.show()
 # none, are empty: the routing head gives them 0 and only the local heads carry them.
 #
 # **Attention-mass recall** asks what the windows leave out: had this head attended to every earlier
-# key with its own logits (qn · qn, the `"normalized"` logits), how much of each query's softmax mass
-# would fall on the keys its windows show? A content-blind choice of as many keys per query keeps, on
-# average, their share of the earlier keys; routing earns its keep if it does better than that.
+# key with its own logits ($\hat q_i \cdot \hat q_j$, the `"normalized"` logits), how much of each query's
+# softmax mass would fall on the keys its windows show? With $\mathcal{V}_i$ the keys query $i$ sees
+# (positions from 0):
+# $$p_{ij} = \frac{\exp(\hat q_i \cdot \hat q_j)}{\sum_{j' \le i} \exp(\hat q_i \cdot \hat q_{j'})} \ (j \le i), \qquad
+# \text{recall}_i = \sum_{j \in \mathcal{V}_i} p_{ij}.$$
+# A content-blind choice of as many keys per query keeps, on average, their share of the earlier keys,
+# $|\mathcal{V}_i| / (i + 1)$; routing earns its keep if it does better than that.
 
 # %%
 trace_m = {}
@@ -520,3 +554,138 @@ assert recall["routing windows"] > blind["routing windows"]  # the windows pick 
 #   membership does, in rt_numpy and in the port alike, and `membership="nearest"` does not.
 # * `introspect.attention_matrix` and `introspect.routes` show what a model's heads compute;
 #   `baselines.attention_mass_recall` measures what the windows leave out.
+
+# %% [markdown]
+# ## Exercises
+#
+# Four exercises, from easy to open. Each has a stub: replace its `raise NotImplementedError` with your
+# answer and run the check cell below it. The checks recompute rt_numpy's numbers on your inputs, or ask
+# `crosscheck.compare` what differs; they never compare with numbers stored in advance. Model answers are
+# in `tutorials/solutions/04_crosscheck.py`: try first.
+#
+# ### Exercise 4.1 (easy): a case of your own, saved, reloaded and compared by name
+#
+# Make a case with the **official** conventions, `crosscheck.official_conventions()`, for inputs of your
+# own (the sizes of section 1, another seed). Save it with `crosscheck.save`, reload it with
+# `crosscheck.load`, and compute from scratch, from the reloaded `q` and `means` only, two routing
+# decisions:
+#
+# * `assignments`, shape (1, B, H, T): the nearest centroid $a(x) = \arg\max_c \hat x \cdot \mu_c$ of each
+#   query after the official normalisation, a layer norm with no scale or shift
+#   (docs/algorithm.md#11-normalise):
+#   $$\hat x = \frac{x - \bar x}{\sqrt{\operatorname{var}(x) + 10^{-6}}};$$
+# * `cluster_counts`, shape (1, H, K): $N_c$, how many of the $B \cdot T$ queries of each head have $a(x) = c$.
+#
+# The leading axis of length 1 is the stream axis S: one stream with shared QK (see `crosscheck.NAMES`).
+# Return the path and a dict `{name: array}`. The check reloads your file, recomputes the reference
+# from the inputs it holds, and compares your two arrays by name (exactly: they are integers).
+
+# %%
+from checks import ex04, report  # noqa: E402
+
+
+def official_case():
+    """Return (path, mine): the path of your saved official-convention case, and {name: array} computed
+    from scratch from the reloaded q and means."""
+    raise NotImplementedError
+
+
+# %%
+report("Exercise 4.1", ex04.check_saved_case, official_case)
+
+# %% [markdown]
+# ### Exercise 4.2 (medium): plant a bug, predict which names fail
+#
+# Comparing by name helps only if you can read a failure. Plant three bugs in copies of
+# `my_routing_attention` (section 3), one bug per copy:
+#
+# * `"causal_by_rank"`: the causal mask compares ranks inside the window, $s > r$, instead of original
+#   positions, $I_c[s] > I_c[r]$;
+# * `"no_combine_eps"`: the scatter-mean divides by $n_i$ instead of $n_i + \varepsilon$;
+# * `"commitment_squared_norms"`: the commitment loss as a mean of squared norms,
+#   $\frac{\beta}{N} \sum_x \lVert \hat x - \mu_{a(x)} \rVert^2$ (a sum over D, then a mean over the $N$
+#   points), instead of the mean over all $N D$ elements;
+# * optional: a bug of your own. Can you find one that moves `query_windows` but not `commitment`?
+#
+# For each bug, **first** write down which of the four names the function returns (`out`,
+# `query_windows`, `commitment`, `new_means`) will fail against `case` at `rtol=1e-12`. **Then** run
+# `crosscheck.compare(case, buggy(q, v, means, W))` and look. A name fails when its error is above
+# `rtol`, or is NaN, or when an integer array differs. Watch for NaN: `compare` reports it, but
+# `assert_close` does not list it, because `nan > rtol` is False.
+#
+# Return `{bug: (buggy_fn, predicted_names)}`, where `buggy_fn(q, v, means, W)` returns a dict like
+# `my_routing_attention`'s. The check runs every function on `case` and compares your prediction with what
+# `compare` reports. It also checks that each named bug does what its description says.
+#
+# Then answer for yourself. Why would an implementation whose windows are sorted by position, as
+# rt_numpy's are, never notice `"causal_by_rank"`? Where does the NaN of `"no_combine_eps"` come from?
+
+# %%
+def planted_bugs():
+    """Return {bug name: (buggy_fn, predicted failing names)}, buggy_fn(q, v, means, W) -> dict."""
+    raise NotImplementedError
+
+
+# %%
+report("Exercise 4.2", ex04.check_planted_bugs, planted_bugs, case)
+
+# %% [markdown]
+# ### Exercise 4.3 (medium): the backward pass of the scatter-mean, by hand
+#
+# The routing decisions depend on $q$ only. For a fixed $q$, the windows $I_c$ and the weights $P_c$ are
+# fixed too, and the output is linear in the values. With $\tilde g_i = g_i / (n_i + \varepsilon)$, the
+# objective of section 1 is
+# $$L = \sum_i g_i \cdot \text{out}_i = \sum_c \sum_r \tilde g_{I_c[r]} \cdot \big(P_c\, V[I_c]\big)_r .$$
+# Write `my_grad_v(q, v, means, W, upstream)`, which returns $\partial L / \partial V$ with shape
+# (B, H, T, D), with no autodiff and no finite differences: replay the loops of `my_routing_attention`,
+# and send each window's share of the upstream gradient back through $O_c = P_c V[I_c]$. It must equal
+# the case's `grad_v` to a relative error of $10^{-10}$, on `case` and on a fresh case of other sizes
+# that the check makes.
+#
+# Then check your answer with a central difference along a random direction of $v$, as in section 3,
+# for $h = 10^{-3}$, $1$ and $100$. Why is the difference exact, up to rounding, for every $h$?
+
+# %%
+def my_grad_v(q, v, means, W, upstream):
+    """d sum(upstream * out) / dv of the port-convention routing attention, by hand: (B, H, T, D)."""
+    raise NotImplementedError
+
+
+# %%
+report("Exercise 4.3", ex04.check_grad_v, my_grad_v, case)
+
+# %% [markdown]
+# ### Exercise 4.4 (open): port the loop version to PyTorch, and check it against the saved `.npz`
+#
+# Write `torch_routing_attention(q, v, means, W)` in PyTorch. The inputs are float tensors: q and v are
+# (B, H, T, D) and means is (H, K, D). Follow the port's conventions of section 3, and return a dict of
+# tensors: `out` (B, H, T, D), `query_windows` (B, H, K, W), `commitment` (0-d) and `new_means` (H, K, D).
+#
+# The check makes the gradients itself with `torch.autograd.grad`: `grad_q` and `grad_v` of $L$, and
+# `commitment_grad_q`. So keep the graph: no `.numpy()`, `.detach()` or `torch.no_grad()` on the way
+# from q and v to `out` and `commitment` (the centroid update may run under `torch.no_grad()`, since
+# the centroids get no gradient). The check compares all seven names with three cases: the file you
+# saved in section 2 (`case_path`) in float64 to $10^{-10}$, the same file in float32 to $10^{-5}$, and
+# a fresh case of other sizes (B = 2, T = 24, K = 3, W = 6).
+#
+# Start with a loop-for-loop translation. Once it passes, go further in any direction you like:
+#
+# * remove the loops over b, h and c: one gather of the windows, batched matrix products, one
+#   `scatter_add`;
+# * time your version against the port's `KmeansAttention` (section 4) as T grows;
+# * write the same in JAX, and check it with `ex04.check_port_numbers(numbers, case)`, where `numbers`
+#   holds the seven names as NumPy arrays, your `jax.grad` results included.
+#
+# Without torch, the check cell says that it skipped this exercise.
+
+# %%
+def torch_routing_attention(q, v, means, W):
+    """Routing attention with the port's conventions, in PyTorch: a dict of tensors, differentiable in q, v."""
+    raise NotImplementedError
+
+
+# %%
+if ex04.torch_installed():
+    report("Exercise 4.4", ex04.check_torch_port, torch_routing_attention, case_path)
+else:
+    print(ex04.TORCH_SKIP)
