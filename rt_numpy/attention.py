@@ -484,8 +484,9 @@ def apply_rotary(x, cos, sin):
 
 
 def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_size=None, block_size,
-                        look_back=1, shared_qk=True, self_attend="allow", rotary=None, impl="auto",
-                        kind="routing", stride=None, rotations=None, trace=None, key_mask=None, **routing):
+                        look_back=1, shared_qk=True, self_attend="allow", rotary=None, rotary_values=False,
+                        impl="auto", kind="routing", stride=None, rotations=None, trace=None, key_mask=None,
+                        **routing):
     """One attention layer: routing (or baseline) heads and local heads side by side, then the output projection.
 
     Parameters
@@ -493,6 +494,11 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
     x : array (B, T, C)
     params : dict
         ``w_q``, ``w_v``, ``w_o`` and, without shared QK, ``w_k``; each (C, C).
+        Optionally, as in the PyTorch port's LM (docs/conventions.md#the-language-model-around-it):
+        ``mem_k`` and ``mem_v`` (n_route_heads, K, D), the routing heads' memory key and value
+        (``mem_kv`` of :func:`routing_attention`; ``kind="routing"``, separate QK), and ``b_q_local``,
+        ``b_v_local`` (and ``b_k_local`` without shared QK), each ((H - n_route_heads) D,), biases
+        of the local heads' projections.
     means : array (n_route_heads, K, D) or None
         Centroids of the routing heads (None when ``n_route_heads == 0``).
     num_heads : int
@@ -509,6 +515,9 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
         Rotary position embedding applied to queries and keys of every head
         before routing (the PyTorch port's positions); see
         :func:`rt_numpy.model.rotary_tables`.
+    rotary_values : bool
+        Rotate the values of the first ``n_route_heads`` heads too, as the
+        PyTorch port's routing heads do (needs ``rotary``).
     kind : {"routing", "strided", "lsh", "dense"}
         What the first ``n_route_heads`` heads compute: routing attention, or
         one of the paper's baselines (:mod:`rt_numpy.baselines`) in their place.
@@ -522,7 +531,7 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
         LSH heads read ``norm`` and ``logits``.
     trace : dict, optional
         Receives the layer's per-head ``q``, ``k`` and ``v`` (B, H, T, D),
-        plain arrays after the rotary embedding, for who-sees-whom
+        plain arrays after the biases and the rotary embedding, for who-sees-whom
         measurements (:mod:`rt_numpy.baselines`, :mod:`rt_numpy.introspect`).
     key_mask : bool array (B, T), optional
         True at real tokens; every head hides padding (docs/algorithm.md#8-padding).
@@ -541,15 +550,33 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
     """
     H, Hr = _check_multihead_args(x, params, num_heads, n_route_heads, shared_qk, impl)
     _checks.choice("kind", kind, HEAD_KINDS)
+    _checks.boolean("rotary_values", rotary_values)
     if kind == "lsh" and not shared_qk:
         raise ValueError("kind='lsh' hashes shared queries and keys: use it with shared_qk=True")
-    with backend.use_impl(impl, backend.get_array_module(getval(x))):
-        q = ops.split_heads(ops.matmul(x, params["w_q"]), H)  # (B, T, C) @ (C, C) -> (B, H, T, D)
-        k = q if shared_qk else ops.split_heads(ops.matmul(x, params["w_k"]), H)
-        v = ops.split_heads(ops.matmul(x, params["w_v"]), H)
+    if rotary_values and rotary is None:
+        raise ValueError("rotary_values=True rotates the values by the rotary tables: pass rotary=(cos, sin)")
+    mem_kv = (params["mem_k"], params["mem_v"]) if "mem_k" in getval(params) else None
+    if mem_kv is not None and kind != "routing":
+        raise ValueError(f"params['mem_k'] and params['mem_v'] are memory of routing heads, got kind={kind!r}")
+    xp = backend.get_array_module(getval(x))
+    D = getval(x).shape[2] // H
+    with backend.use_impl(impl, xp):
+        def project(name):  # (B, T, C) @ (C, C) -> (B, H, T, D), plus the local heads' bias if any
+            y = ops.matmul(x, params["w_" + name])  # (B, T, C)
+            if f"b_{name}_local" in getval(params):  # the port's routing heads project without a bias
+                no_bias = xp.zeros(Hr * D, getval(y).dtype)  # (Hr D,)
+                y = ops.add(y, ops.concatenate([no_bias, params[f"b_{name}_local"]], axis=0))  # (B, T, C) + (C,)
+            return ops.split_heads(y, H)
+
+        q = project("q")
+        k = q if shared_qk else project("k")
+        v = project("v")
         if rotary is not None:
             q = apply_rotary(q, *rotary)
             k = q if shared_qk else apply_rotary(k, *rotary)
+            if rotary_values and Hr:  # the port rotates its routing heads' values; its local heads' stay
+                rotated = apply_rotary(ops.slice_axis(v, 0, Hr, axis=1), *rotary)  # (B, Hr, T, D)
+                v = rotated if Hr == H else ops.concatenate([rotated, ops.slice_axis(v, Hr, H, axis=1)], axis=1)
         if trace is not None:
             trace.update(q=getval(q), k=getval(k), v=getval(v))
         parts, loss, stats = [], 0.0, None
@@ -560,8 +587,8 @@ def multihead_attention(x, params, means, *, num_heads, n_route_heads, window_si
             qh, kh, vh = route_heads(q), route_heads(k), route_heads(v)
             if kind == "routing":
                 out, loss, stats = routing_attention(qh, kh, vh, means, window_size=window_size,
-                                                     shared_qk=shared_qk, self_attend=self_attend, impl=impl,
-                                                     key_mask=key_mask, **routing)
+                                                     shared_qk=shared_qk, self_attend=self_attend, mem_kv=mem_kv,
+                                                     impl=impl, key_mask=key_mask, **routing)
             elif kind == "strided":
                 out = baselines.strided_attention(qh, kh, vh, stride=stride, self_attend=self_attend,
                                                   key_mask=key_mask)
@@ -601,6 +628,20 @@ def _check_multihead_args(x, params, num_heads, n_route_heads, shared_qk, impl):
     for name in needed:
         if tuple(getval(plain[name]).shape) != (C, C):
             raise ValueError(f"params[{name!r}] must have shape {(C, C)}, got {tuple(getval(plain[name]).shape)}")
+    if ("mem_k" in plain) != ("mem_v" in plain):
+        raise ValueError(f"params must hold both mem_k and mem_v or neither, got {sorted(plain)}")
+    if "mem_k" in plain and not Hr:
+        raise ValueError("params['mem_k'] and params['mem_v'] belong to routing heads, got n_route_heads=0")
+    biases = {name for name in ("b_q_local", "b_k_local", "b_v_local") if name in plain}
+    if biases:
+        wanted = {"b_q_local", "b_v_local"} | (set() if shared_qk else {"b_k_local"})
+        if biases != wanted:
+            raise ValueError(f"params must hold the local biases {sorted(wanted)} or none, got {sorted(biases)}")
+        for name in sorted(biases):  # one bias per channel of the local heads
+            shape = tuple(getval(plain[name]).shape)
+            if shape != ((H - Hr) * (C // H),):
+                raise ValueError(f"params[{name!r}] must have shape {((H - Hr) * (C // H),)} "
+                                 f"((num_heads - n_route_heads) * D), got {shape}")
     _checks.choice("impl", impl, backend.IMPLS)
     return H, Hr
 

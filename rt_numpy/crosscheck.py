@@ -15,6 +15,12 @@ PyTorch port (``routing-transformer`` 1.6.1).  docs/conventions.md lists every
 difference and the test that shows it; tutorials/04_crosscheck.py is the walk
 through.
 
+A whole language model: :func:`port_lm_config` gives the rt_numpy
+:class:`~rt_numpy.model.Config` of a port ``RoutingTransformerLM`` (causal,
+separate QK), and :func:`params_from_port` turns its ``state_dict`` into
+rt_numpy's parameters and k-means states (:func:`grads_from_port` maps its
+gradients).  Neither needs torch: they take NumPy arrays.
+
 A typical check of your own implementation::
 
     ref = crosscheck.reference(q, k, v, means, window_size=W, upstream=g,
@@ -34,7 +40,7 @@ import zipfile
 import numpy as np
 from autograd import grad
 
-from rt_numpy import _checks, attention, backend, kmeans, ops
+from rt_numpy import _checks, attention, backend, kmeans, model, ops
 
 FORMAT = "rt_numpy.crosscheck/1"  # stored in the options, so that a reader knows what it holds
 
@@ -367,3 +373,244 @@ def assert_close(expected, actual, *, rtol, names=None):
         lines = "\n".join(f"  {n}: {e:.3g}" for n, e in sorted(bad.items()))
         raise AssertionError(f"{len(bad)} of {len(errors)} arrays differ beyond rtol={rtol}:\n{lines}")
     return errors
+
+
+# --------------------------------------------------------------------------- the port's language model
+def port_lm_config(*, num_tokens, dim, depth, max_seq_len, heads=8, dim_head=64, window_size=64,
+                   local_attn_window_size=None, local_attn_radius_blocks=1, n_local_attn_heads=0, causal=False,
+                   shared_qk=None, tie_embedding=False, rel_pos_emb=True, kmeans_ema_decay=0.999,
+                   dtype="float32"):
+    """The rt_numpy Config of the PyTorch port's ``RoutingTransformerLM`` built with these arguments.
+
+    Parameters
+    ----------
+    num_tokens, dim, depth, max_seq_len, heads, dim_head, window_size, local_attn_window_size,
+    local_attn_radius_blocks, n_local_attn_heads, causal, shared_qk, tie_embedding, rel_pos_emb, kmeans_ema_decay
+        The port's constructor arguments, with its defaults (``routing-transformer`` 1.6.1).
+        rt_numpy reproduces the causal LM with separate QK and tied embeddings: pass
+        ``causal=True, shared_qk=False, tie_embedding=True`` and ``dim_head=dim // heads``.
+        ``n_local_attn_heads`` (an int, or one per layer) must be ``heads`` in the first
+        layers and one smaller number in the last ones: rt_numpy routes in its last
+        ``n_route_layers`` layers, with ``n_route_heads`` heads each.
+    dtype : {"float32", "float64"}
+        rt_numpy's dtype (not a port argument).
+
+    Returns
+    -------
+    rt_numpy.model.Config
+        ``width=dim``, ``num_heads=heads``, ``num_clusters=max_seq_len // window_size``,
+        ``block_size=local_attn_window_size``, ``look_back=local_attn_radius_blocks``,
+        ``ff_mult=4`` (the port's LM never passes its ``ff_mult`` on), rotary positions, the
+        options of :func:`port_conventions` (``shared_qk=False``, ``ema_decay=kmeans_ema_decay``)
+        and ``mem_kv``, ``rotary_values`` and ``local_qkv_bias`` on.
+
+    Raises
+    ------
+    ValueError
+        An argument whose port behaviour rt_numpy does not have, named with its value.
+
+    Notes
+    -----
+    docs/conventions.md#the-language-model-around-it.  Build the port itself with
+    ``ff_activation=routing_transformer.routing_transformer.GELU_`` (rt_numpy's tanh GELU;
+    the port's default is the exact one) and dropouts 0 to compare numbers.
+    """
+    needed = {"causal": (causal, True, "the non-causal port has no memory key/value"),
+              "shared_qk": (shared_qk, False, "the port's shared-QK LM gives its local heads separate keys, "
+                                              "which rt_numpy's shared_qk=True cannot hold"),
+              "tie_embedding": (tie_embedding, True, "the port's untied output layer has a bias rt_numpy lacks"),
+              "rel_pos_emb": (rel_pos_emb, True, "without it the port's local heads have no positions at all")}
+    for name, (value, wanted, why) in needed.items():
+        if value is not wanted:
+            raise ValueError(f"port_lm_config reproduces {name}={wanted} ({why}), got {name}={value!r}")
+    _checks.integer("heads", heads, 1)
+    _checks.integer("depth", depth, 1)
+    if dim % heads or dim_head != dim // heads:
+        raise ValueError(f"dim_head must be dim // heads (rt_numpy's head dim is width / num_heads), got "
+                         f"dim_head={dim_head!r} with dim={dim!r}, heads={heads!r}")
+    local = tuple(n_local_attn_heads) if isinstance(n_local_attn_heads, (tuple, list)) else \
+        (n_local_attn_heads,) * depth
+    routing = [heads - n for n in local]  # routing heads per layer
+    n_route_layers = sum(r > 0 for r in routing)
+    n_route_heads = max(routing)
+    if len(local) != depth or routing != [0] * (depth - n_route_layers) + [n_route_heads] * n_route_layers:
+        raise ValueError(f"n_local_attn_heads must be heads={heads} in the first layers and one smaller number in "
+                         f"the last ones ({depth} layers), got {n_local_attn_heads!r}")
+    window = _checks.integer("window_size", window_size, 1)
+    if max_seq_len % window:
+        raise ValueError(f"max_seq_len must be a multiple of window_size={window}, got {max_seq_len!r}")
+    conventions = port_conventions(shared_qk=False)
+    return model.Config(
+        vocab_size=num_tokens, seq_len=max_seq_len, width=dim, n_layers=depth, num_heads=heads,
+        n_route_heads=n_route_heads, n_route_layers=n_route_layers, num_clusters=max_seq_len // window,
+        window_size=window, block_size=window if local_attn_window_size is None else local_attn_window_size,
+        look_back=local_attn_radius_blocks, ff_mult=4, shared_qk=False, pos_encoding="rotary", tie_embeddings=True,
+        mem_kv=True, rotary_values=True, local_qkv_bias=True, ema_decay=kmeans_ema_decay, dtype=dtype,
+        **{k: conventions[k] for k in ("norm", "logits", "self_attend", "combine_eps", "commitment",
+                                       "commitment_qk", "centroid_update")})
+
+
+#: The port's buffers that :func:`params_from_port` reads nothing from (rebuilt or implied by rt_numpy).
+PORT_BUFFERS = ("sinu_pos_emb.emb", ".rel_pos.inv_freq", ".kmeans.initted", "out.tensor")
+
+
+def _interleaved_to_halves(D):
+    """rt head dim d <- port head dim ``P[d]``: the port's rotary pairs (2i, 2i+1) become rt's (i, i + D/2)."""
+    return np.concatenate([np.arange(0, D, 2), np.arange(1, D, 2)])  # (D,)
+
+
+def _check_port_cfg(cfg):
+    if not isinstance(cfg, model.Config):
+        raise TypeError(f"cfg must be an rt_numpy.model.Config, got {type(cfg).__name__}")
+    wanted = {"shared_qk": False, "pos_encoding": "rotary", "tie_embeddings": True, "attention": "routing",
+              "mem_kv": True, "rotary_values": True, "local_qkv_bias": True, "ff_mult": 4}
+    wrong = {name: getattr(cfg, name) for name, value in wanted.items() if getattr(cfg, name) != value}
+    if wrong:
+        raise ValueError(f"cfg is not a port LM's config (port_lm_config gives one): it needs {wanted}, got {wrong}")
+
+
+def _port_arrays(arrays, cfg):
+    """The port's parameter tensors (``arrays``: name -> array) as rt_numpy parameters; checks every name."""
+    _check_port_cfg(cfg)
+    if not isinstance(arrays, dict):
+        raise TypeError(f"the port's tensors must be a dict name -> NumPy array, got {type(arrays).__name__}")
+    C, H, D, K, V = cfg.width, cfg.num_heads, cfg.head_dim, cfg.num_clusters, cfg.vocab_size
+    P = _interleaved_to_halves(D)
+    used = set()
+
+    def get(name, shape):
+        if name not in arrays:
+            raise ValueError(f"the port's tensors have no {name!r} (the port LM of this cfg has it, shape {shape})")
+        value = np.asarray(arrays[name])
+        if value.shape != shape:
+            raise ValueError(f"the port's {name!r} has shape {value.shape}, expected {shape} for this cfg")
+        used.add(name)
+        return value
+
+    params = {"wte": get("token_emb.weight", (V, C))}
+    for i in range(cfg.n_layers):
+        port, rt = f"routing_transformer.layers.layers.{i}.", f"h{i}."
+        Hr = H - cfg.n_local_heads(i)
+        Hl = H - Hr
+        # Port heads are [local..., routing...]; rt's are [routing..., local...].  A routing head's dims are
+        # permuted by P (its rotary pairs), a local head's are not (the port's local rotary already pairs halves).
+        routed = (np.arange(Hr)[:, None] * D + P[None, :]).reshape(-1)  # (Hr D,) port rows of rt's routing dims
+        w = {n: get(f"{port}0.fn.to_{n}.weight", (Hr * D, C))[routed].T for n in "qkv"}  # (C, Hr D) each
+        to_out = get(f"{port}0.fn.to_out.weight", (C, C))  # (C, H D) in the port's head order
+        w_o = [to_out[:, Hl * D + routed].T]  # (Hr D, C)
+        if Hl:
+            qkv = np.split(get(f"{port}0.fn.local_to_qkv.weight", (3 * Hl * D, C)), 3)  # 3 x (Hl D, C)
+            bias = np.split(get(f"{port}0.fn.local_to_qkv.bias", (3 * Hl * D,)), 3)  # 3 x (Hl D,)
+            for n, weight, b in zip("qkv", qkv, bias):
+                w[n] = np.concatenate([w[n], weight.T], axis=1)  # (C, Hr D) + (C, Hl D) -> (C, C)
+                params[f"{rt}attn.b_{n}_local"] = b
+            w_o.append(to_out[:, :Hl * D].T)  # (Hl D, C)
+        params.update({f"{rt}ln1.g": get(f"{port}0.norm.weight", (C,)), f"{rt}ln1.b": get(f"{port}0.norm.bias", (C,)),
+                       f"{rt}attn.w_q": w["q"], f"{rt}attn.w_k": w["k"], f"{rt}attn.w_v": w["v"],
+                       f"{rt}attn.w_o": np.concatenate(w_o, axis=0)})  # (Hr D + Hl D, C) = (C, C)
+        if Hr:
+            for n, port_name in (("mem_k", "mem_key"), ("mem_v", "mem_value")):
+                memory = get(f"{port}0.fn.global_attn.{port_name}", (Hr, K, 1, D))
+                params[f"{rt}attn.{n}"] = memory[:, :, 0][..., P]  # (Hr, K, 1, D) -> (Hr, K, D)
+        F = 4 * C
+        params.update({f"{rt}ln2.g": get(f"{port}1.norm.weight", (C,)), f"{rt}ln2.b": get(f"{port}1.norm.bias", (C,)),
+                       f"{rt}mlp.w_in": get(f"{port}1.fn.fn.w1.weight", (F, C)).T,  # (F, C) -> (C, F)
+                       f"{rt}mlp.b_in": get(f"{port}1.fn.fn.w1.bias", (F,)),
+                       f"{rt}mlp.w_out": get(f"{port}1.fn.fn.w2.weight", (C, F)).T,  # (C, F) -> (F, C)
+                       f"{rt}mlp.b_out": get(f"{port}1.fn.fn.w2.bias", (C,))})
+    params["ln_f.g"], params["ln_f.b"] = get("norm.weight", (C,)), get("norm.bias", (C,))
+    params = {name: np.ascontiguousarray(params[name], dtype=cfg.dtype) for name in model.param_shapes(cfg)}
+    return params, get, used
+
+
+def _check_all_read(arrays, used):
+    left = sorted(n for n in set(arrays) - used if not any(n.endswith(b) for b in PORT_BUFFERS))
+    if left:
+        raise ValueError(f"the port's tensors hold {left}, which this cfg has no place for "
+                         f"(another port option, or a cfg that does not fit the port model)")
+
+
+def params_from_port(state_dict, cfg):
+    """rt_numpy's parameters and k-means states from a port ``RoutingTransformerLM``'s ``state_dict``.
+
+    Parameters
+    ----------
+    state_dict : dict name -> NumPy array
+        ``{k: v.detach().numpy() for k, v in lm.state_dict().items()}`` of the port model built
+        with the arguments ``cfg`` came from (:func:`port_lm_config`).
+    cfg : rt_numpy.model.Config
+        From :func:`port_lm_config`.
+
+    Returns
+    -------
+    params : dict
+        Named as :func:`rt_numpy.model.param_shapes`, of ``cfg.dtype``.
+    kmeans_states : dict
+        ``{"h{i}": state}`` around the port's centroids (:func:`rt_numpy.kmeans.state_from_means`).
+
+    Raises
+    ------
+    ValueError
+        A port tensor missing or of the wrong shape (named), or a tensor this cfg has no place for.
+
+    Notes
+    -----
+    docs/conventions.md#the-language-model-around-it.  Layer ``i`` is the port's
+    ``routing_transformer.layers.layers.{i}`` (written ``L{i}`` here); ``P`` permutes each routing
+    head's dims from the port's interleaved rotary pairs (2j, 2j+1) to rt_numpy's (j, j + D/2);
+    the port's heads are local first, rt_numpy's routing first:
+
+    ==================================  ==========================================================
+    rt_numpy                            the port
+    ==================================  ==========================================================
+    ``wte``                             ``token_emb.weight``
+    ``h{i}.ln1.g`` / ``.b``             ``L{i}.0.norm.weight`` / ``.bias``
+    ``h{i}.attn.w_q`` routing columns   ``L{i}.0.fn.to_q.weight`` rows, P per head, transposed
+    ``h{i}.attn.w_q`` local columns     first third of ``L{i}.0.fn.local_to_qkv.weight``, transposed
+    ``h{i}.attn.w_k`` / ``w_v``         likewise: ``to_k`` / ``to_v``, second / last third
+    ``h{i}.attn.b_q_local`` / k / v     the thirds of ``L{i}.0.fn.local_to_qkv.bias``
+    ``h{i}.attn.w_o``                   ``L{i}.0.fn.to_out.weight`` transposed, rows in rt's head order
+    ``h{i}.attn.mem_k`` / ``mem_v``     ``L{i}.0.fn.global_attn.mem_key`` / ``mem_value`` [:, :, 0], P
+    ``h{i}.ln2.g`` / ``.b``             ``L{i}.1.norm.weight`` / ``.bias``
+    ``h{i}.mlp.w_in`` / ``b_in``        ``L{i}.1.fn.fn.w1.weight`` transposed / ``.bias``
+    ``h{i}.mlp.w_out`` / ``b_out``      ``L{i}.1.fn.fn.w2.weight`` transposed / ``.bias``
+    ``ln_f.g`` / ``.b``                 ``norm.weight`` / ``.bias``
+    k-means ``h{i}`` means              ``L{i}.0.fn.global_attn.kmeans.means``, P (a buffer)
+    ==================================  ==========================================================
+
+    The buffers of :data:`PORT_BUFFERS` are not read: rt_numpy rebuilds the position tables
+    (in ``cfg.dtype``; the port's are float32 even in a float64 model) and ties ``out`` to ``wte``.
+    Set the port's ``kmeans.initted`` to True before comparing, or its first forward replaces the centroids.
+    """
+    params, get, used = _port_arrays(state_dict, cfg)
+    P = _interleaved_to_halves(cfg.head_dim)
+    states = {}
+    for i in range(cfg.n_layers):
+        if cfg.is_routing_layer(i):
+            shape = (cfg.n_route_heads, cfg.num_clusters, cfg.head_dim)
+            means = get(f"routing_transformer.layers.layers.{i}.0.fn.global_attn.kmeans.means", shape)
+            states[f"h{i}"] = kmeans.state_from_means(np.ascontiguousarray(means[..., P], dtype=cfg.dtype))
+    _check_all_read(state_dict, used)
+    return params, states
+
+
+def grads_from_port(grads, cfg):
+    """The port's parameter gradients under rt_numpy's names: the map of :func:`params_from_port`.
+
+    Parameters
+    ----------
+    grads : dict name -> NumPy array
+        ``{k: p.grad.numpy() for k, p in lm.named_parameters()}`` (a zero array where ``p.grad``
+        is None).  The map is linear and permutes entries only, so gradients go through it as
+        the weights do.
+    cfg : rt_numpy.model.Config
+        From :func:`port_lm_config`.
+
+    Returns
+    -------
+    dict
+        Named as :func:`rt_numpy.model.param_shapes`.
+    """
+    params, _, used = _port_arrays(grads, cfg)
+    _check_all_read(grads, used)
+    return params

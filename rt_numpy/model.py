@@ -15,6 +15,14 @@ blocks (attention, then a GELU feed-forward), a final layer norm and the output
 projection, tied to the token embedding by default.  The attention of the last
 ``n_route_layers`` layers mixes ``n_route_heads`` routing heads with local
 heads; earlier layers are local only.
+
+Three options (off by default) make the model the PyTorch port's causal
+``RoutingTransformerLM`` with separate QK (docs/conventions.md#the-language-model-around-it):
+``mem_kv`` (a learned memory key/value per routing head and cluster),
+``rotary_values`` (the routing heads' values rotated too) and
+``local_qkv_bias`` (biases on the local heads' projections).
+:func:`rt_numpy.crosscheck.port_lm_config` and
+:func:`rt_numpy.crosscheck.params_from_port` map such a port model onto these.
 """
 from __future__ import annotations
 
@@ -35,6 +43,22 @@ class Config:
 
     Letters: V vocab_size, T seq_len, C width, H num_heads, K num_clusters,
     W window_size, L block_size (docs/algorithm.md#alphabet).
+
+    The options ``mem_kv``, ``rotary_values`` and ``local_qkv_bias`` are the
+    PyTorch port's LM (docs/conventions.md#the-language-model-around-it); each
+    defaults to False, the official model, so that older checkpoints load unchanged:
+
+    * ``mem_kv``: every routing layer's routing heads get parameters
+      ``h{i}.attn.mem_k`` and ``h{i}.attn.mem_v`` (n_route_heads, K, D), a key and
+      a value prepended to every cluster's keys and always visible
+      (``mem_kv`` of :func:`rt_numpy.attention.routing_attention`).  The port has
+      them with separate QK only: needs ``shared_qk=False`` and ``attention="routing"``.
+    * ``rotary_values``: the routing heads' values are rotated by the rotary
+      embedding as their queries and keys are.  Needs ``pos_encoding="rotary"``.
+    * ``local_qkv_bias``: every layer with local heads gets parameters
+      ``h{i}.attn.b_q_local``, ``b_v_local`` (and ``b_k_local`` with separate QK),
+      ((H - Hr) D,) for the layer's Hr routing heads: biases of the local heads'
+      query, key and value channels.  The routing heads and the output projection keep none.
     """
 
     vocab_size: int = 256
@@ -66,6 +90,10 @@ class Config:
     commitment_qk: str = "sum"
     ema_decay: float = 0.999
     centroid_update: str = "ema"
+    # the PyTorch port's LM (docs/conventions.md#the-language-model-around-it); off = the official model
+    mem_kv: bool = False  # routing heads: one learned memory key/value per cluster (needs separate QK)
+    rotary_values: bool = False  # routing heads: rotary on the values too (needs pos_encoding="rotary")
+    local_qkv_bias: bool = False  # local heads: q, k, v projections with a bias
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -99,8 +127,15 @@ class Config:
         if self.attention == "lsh" and (not self.shared_qk or self.num_clusters % 2 or self.num_clusters < 2):
             raise ValueError(f"attention='lsh' needs shared_qk=True and an even num_clusters >= 2 (its buckets), "
                              f"got shared_qk={self.shared_qk}, num_clusters={self.num_clusters}")
-        for name in ("shared_qk", "tie_embeddings"):
+        for name in ("shared_qk", "tie_embeddings", "mem_kv", "rotary_values", "local_qkv_bias"):
             _checks.boolean(name, getattr(self, name))
+        if self.mem_kv and (self.shared_qk or self.attention != "routing"):
+            raise ValueError(f"mem_kv=True is the memory of the port's separate-QK routing heads: it needs "
+                             f"shared_qk=False and attention='routing', got shared_qk={self.shared_qk}, "
+                             f"attention={self.attention!r}")
+        if self.rotary_values and self.pos_encoding != "rotary":
+            raise ValueError(f"rotary_values=True rotates the values by the rotary embedding: it needs "
+                             f"pos_encoding='rotary', got pos_encoding={self.pos_encoding!r}")
         _checks.real("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _checks.real("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         _checks.real("commitment", self.commitment, 0.0)
@@ -124,6 +159,10 @@ class Config:
         """Layers with routing heads, which keep a k-means state."""
         return self.attention == "routing" and self.is_sparse_layer(layer)
 
+    def n_local_heads(self, layer):
+        """The local heads of layer ``layer``: all H in a local-only layer, H - n_route_heads otherwise."""
+        return self.num_heads - (self.n_route_heads if self.is_sparse_layer(layer) else 0)
+
     def to_dict(self):
         return dataclasses.asdict(self)
 
@@ -145,8 +184,14 @@ def param_shapes(cfg):
     (C, C) (no ``w_k`` with shared QK), ``h{i}.ln2.g``/``.b``, ``h{i}.mlp.w_in``
     (C, F), ``h{i}.mlp.b_in`` (F,), ``h{i}.mlp.w_out`` (F, C), ``h{i}.mlp.b_out``
     (C,); ``ln_f.g``/``.b``; ``lm_head`` (C, V) when embeddings are not tied.
+
+    With the port's options (:class:`Config`): ``h{i}.attn.mem_k``/``mem_v``
+    (n_route_heads, K, D) in routing layers (``mem_kv``), and
+    ``h{i}.attn.b_q_local``/``b_k_local``/``b_v_local`` ((H - Hr) D,) in layers
+    with local heads (``local_qkv_bias``; no ``b_k_local`` with shared QK).
     """
     V, T, C, F = cfg.vocab_size, cfg.seq_len, cfg.width, cfg.ff_mult * cfg.width
+    Hr, K, D = cfg.n_route_heads, cfg.num_clusters, cfg.head_dim
     shapes = {"wte": (V, C)}
     if cfg.pos_encoding == "learned":
         shapes["wpe"] = (T, C)
@@ -154,6 +199,11 @@ def param_shapes(cfg):
         shapes[f"h{i}.ln1.g"] = shapes[f"h{i}.ln1.b"] = (C,)
         for w in ("w_q", "w_v", "w_o") if cfg.shared_qk else ("w_q", "w_k", "w_v", "w_o"):
             shapes[f"h{i}.attn.{w}"] = (C, C)
+        if cfg.mem_kv and cfg.is_routing_layer(i):
+            shapes[f"h{i}.attn.mem_k"] = shapes[f"h{i}.attn.mem_v"] = (Hr, K, D)
+        if cfg.local_qkv_bias and cfg.n_local_heads(i):
+            for b in ("b_q_local", "b_v_local") if cfg.shared_qk else ("b_q_local", "b_k_local", "b_v_local"):
+                shapes[f"h{i}.attn.{b}"] = (cfg.n_local_heads(i) * D,)
         shapes[f"h{i}.ln2.g"] = shapes[f"h{i}.ln2.b"] = (C,)
         shapes.update({f"h{i}.mlp.w_in": (C, F), f"h{i}.mlp.b_in": (F,), f"h{i}.mlp.w_out": (F, C),
                        f"h{i}.mlp.b_out": (C,)})
@@ -165,7 +215,8 @@ def param_shapes(cfg):
 
 def init_params(cfg, rng):
     """Parameters drawn as in GPT-2: N(0, 0.02^2) weights, the residual output projections
-    scaled by 1/sqrt(2 n_layers), zero biases, unit layer-norm gains.
+    scaled by 1/sqrt(2 n_layers), zero biases, unit layer-norm gains.  The memory
+    keys and values (``mem_kv``) are N(0, 1), as the port draws them.
 
     Returns a dict ``name -> array`` of ``cfg.dtype`` (names: :func:`param_shapes`).
     """
@@ -174,8 +225,10 @@ def init_params(cfg, rng):
     for name, shape in param_shapes(cfg).items():
         if name.endswith(".g"):
             value = np.ones(shape)
-        elif name.endswith((".b", ".b_in", ".b_out")):
+        elif name.endswith((".b", ".b_in", ".b_out", "_local")):
             value = np.zeros(shape)
+        elif name.endswith((".mem_k", ".mem_v")):
+            value = rng.standard_normal(shape)
         else:
             std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("w_o", "w_out")) else 0.02
             value = std * rng.standard_normal(shape)
@@ -335,16 +388,20 @@ def block(x, params, i, cfg, means, *, rotary=None, rng=None, trace=None, key_ma
     Notes
     -----
     docs/algorithm.md#4-layers-and-heads.  The MLP is ``GELU(h W_in + b_in) W_out + b_out``
-    with hidden width ``ff_mult * C``.
+    with hidden width ``ff_mult * C``.  The port's options (``mem_kv``,
+    ``rotary_values``, ``local_qkv_bias``; docs/conventions.md#the-language-model-around-it)
+    act inside :func:`rt_numpy.attention.multihead_attention`.
     """
     p = f"h{i}."
     T = getval(x).shape[1]
     h = ops.layer_norm(x, params[p + "ln1.g"], params[p + "ln1.b"])
-    weights = {w: params[p + "attn." + w] for w in ("w_q", "w_k", "w_v", "w_o") if p + "attn." + w in params}
+    names = ("w_q", "w_k", "w_v", "w_o", "mem_k", "mem_v", "b_q_local", "b_k_local", "b_v_local")
+    weights = {w: params[p + "attn." + w] for w in names if p + "attn." + w in params}
     y, loss, stats = attention.multihead_attention(
         h, weights, means, num_heads=cfg.num_heads, n_route_heads=cfg.n_route_heads if cfg.is_sparse_layer(i) else 0,
         window_size=min(cfg.window_size, T), block_size=cfg.block_size, look_back=cfg.look_back,
-        shared_qk=cfg.shared_qk, self_attend=cfg.self_attend, rotary=rotary, kind=cfg.attention,
+        shared_qk=cfg.shared_qk, self_attend=cfg.self_attend, rotary=rotary,
+        rotary_values=cfg.rotary_values, kind=cfg.attention,
         stride=cfg.stride, rotations=lsh_rotations(cfg, i), norm=cfg.norm, logits=cfg.logits,
         membership=cfg.membership, combine_eps=cfg.combine_eps, commitment=cfg.commitment,
         commitment_qk=cfg.commitment_qk, trace=trace, key_mask=key_mask)
@@ -353,6 +410,8 @@ def block(x, params, i, cfg, means, *, rotary=None, rng=None, trace=None, key_ma
     h = ops.gelu(ops.add(ops.matmul(h, params[p + "mlp.w_in"]), params[p + "mlp.b_in"]))  # (B, T, C) -> (B, T, F)
     h = ops.add(ops.matmul(h, params[p + "mlp.w_out"]), params[p + "mlp.b_out"])  # (B, T, F) -> (B, T, C)
     return ops.add(x, _dropout(h, cfg.dropout, rng)), loss, stats
+
+
 def loss(params, ids, targets, cfg, kmeans_states, *, rng=None, impl="auto", key_mask=None, mask=None):
     """Mean next-byte cross-entropy (nats) over the counted targets, plus the commitment losses.
 

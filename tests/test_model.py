@@ -13,7 +13,11 @@ docs/algorithm.md#6-what-users-ran-into; docs/design.md#tests):
    gives the reference's loss and gradient;
 5. plain gradient descent lowers the loss; ``update_kmeans`` moves the centroids of routing
    layers only; loss = cross-entropy + commitment, the commitment recomputed here by hand;
-6. dropout is active only with an rng; bad ids and missing k-means states raise.
+6. dropout is active only with an rng; bad ids and missing k-means states raise;
+7. the PyTorch port's options (``mem_kv``, ``rotary_values``, ``local_qkv_bias``;
+   docs/conventions.md#the-language-model-around-it): their checks, their parameters and where
+   each acts; a checkpoint written before they existed loads as the official model.  Agreement
+   with the port itself is tests/test_port_lm.py.
 
 Everything is float64 on a tiny model unless a test says otherwise.
 """
@@ -26,7 +30,7 @@ import pytest
 from autograd import value_and_grad
 from autograd.test_util import check_grads
 
-from rt_numpy import backend
+from rt_numpy import attention, backend, optim, train
 from rt_numpy import model as M
 
 
@@ -65,6 +69,9 @@ BAD_FIELDS = [  # (field, bad value, exception); every other field at its defaul
     ("ema_decay", 1.0, ValueError), ("ema_decay", -0.5, ValueError),
     ("commitment", -1e-4, ValueError), ("commitment", math.inf, ValueError), ("commitment", math.nan, ValueError),
     ("combine_eps", 0.0, ValueError), ("combine_eps", math.inf, ValueError), ("combine_eps", True, TypeError),
+    ("mem_kv", 1, TypeError), ("rotary_values", "yes", TypeError), ("local_qkv_bias", None, TypeError),
+    ("mem_kv", True, ValueError),  # needs shared_qk=False (the default is True)
+    ("rotary_values", True, ValueError),  # needs pos_encoding="rotary" (the default is "learned")
 ]
 
 
@@ -263,10 +270,13 @@ def test_forward_without_routing_is_a_plain_gpt(pos_encoding, shared_qk, tie):
 
 
 # ------------------------------------------------------------------------------ 4. gradients
+PORT_OPTIONS = dict(pos_encoding="rotary", shared_qk=False, logits="scaled", norm="l2", commitment_qk="mean",
+                    mem_kv=True, rotary_values=True, local_qkv_bias=True)  # the port's LM (tests/test_port_lm.py)
 GRAD_CONFIGS = {  # commitment raised so that its gradient weighs in the check
     "learned-shared-tied": tiny(commitment=0.5),
     "rotary-separate-untied": tiny(commitment=0.5, pos_encoding="rotary", shared_qk=False, tie_embeddings=False,
                                    self_attend="last_resort", logits="scaled", norm="l2", commitment_qk="mean"),
+    "port-lm-options": tiny(commitment=0.5, **PORT_OPTIONS),  # memory key/value, rotated values, local biases
 }
 
 
@@ -274,6 +284,8 @@ GRAD_CONFIGS = {  # commitment raised so that its gradient weighs in the check
 def test_whole_model_gradient_matches_finite_differences(name):
     cfg = GRAD_CONFIGS[name]
     params, states, ids, targets = setup(cfg, seed=3)
+    rng = np.random.default_rng(5)  # non-zero local biases, so that they weigh in the check too
+    params = {n: v + 0.3 * rng.standard_normal(v.shape) if n.endswith("_local") else v for n, v in params.items()}
 
     def f(p):
         return M.loss(p, ids, targets, cfg, states, impl="ref")[0]
@@ -423,3 +435,87 @@ def test_missing_kmeans_state_raises():
     with pytest.raises(ValueError, match=r"no state for routing layers \['h1'\].*init_kmeans"):
         M.forward(params, ids, cfg, {}, impl="ref")
     M.forward(params, ids, tiny(n_route_heads=0), {}, impl="ref")  # no routing layer, nothing needed
+
+
+# ------------------------------------------------------------------------------ 7. the port's options
+@pytest.mark.parametrize("changes, match", [
+    (dict(mem_kv=True), r"mem_kv=True.*shared_qk=False.*got shared_qk=True"),
+    (dict(mem_kv=True, shared_qk=False, attention="dense"), r"mem_kv=True.*got shared_qk=False, attention='dense'"),
+    (dict(rotary_values=True), r"rotary_values=True.*got pos_encoding='learned'"),
+])
+def test_port_options_name_what_they_need(changes, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**changes)
+
+
+def test_port_option_parameters():
+    cfg = tiny(n_layers=3, num_heads=4, width=16, n_route_heads=3, n_route_layers=2, num_clusters=2, **PORT_OPTIONS)
+    shapes = M.param_shapes(cfg)
+    D, K = cfg.head_dim, cfg.num_clusters
+    new = {n: s for n, s in shapes.items() if n not in M.param_shapes(tiny(n_layers=3, num_heads=4, width=16,
+                                                                             pos_encoding="rotary", shared_qk=False))}
+    assert new == {"h0.attn.b_q_local": (4 * D,), "h0.attn.b_k_local": (4 * D,), "h0.attn.b_v_local": (4 * D,),
+                   **{f"h{i}.attn.{n}": (3, K, D) for i in (1, 2) for n in ("mem_k", "mem_v")},
+                   **{f"h{i}.attn.b_{n}_local": (D,) for i in (1, 2) for n in "qkv"}}
+    params = M.init_params(cfg, np.random.default_rng(0))
+    assert all(np.all(params[n] == 0) for n in new if n.endswith("_local"))
+    assert 0.7 < params["h1.attn.mem_k"].std() < 1.3  # N(0, 1), as the port draws them
+    # With shared QK only the local biases are there, and no b_k_local; no local heads, no biases.
+    shared = M.param_shapes(tiny(local_qkv_bias=True))
+    assert [n for n in shared if n.endswith("_local")] == ["h0.attn.b_q_local", "h0.attn.b_v_local",
+                                                           "h1.attn.b_q_local", "h1.attn.b_v_local"]
+    assert not [n for n in M.param_shapes(tiny(n_layers=1, n_route_heads=2, local_qkv_bias=True)) if "_local" in n]
+
+
+@pytest.mark.parametrize("option", ["mem_kv", "rotary_values", "local_qkv_bias"])
+def test_port_option_acts_where_it_should(option):
+    """Each option changes the output; mem_kv and rotary_values only through the routing heads,
+    local_qkv_bias only through the local heads, and the bias never reaches a routing head."""
+    cfg = tiny(n_layers=1, **PORT_OPTIONS)  # one layer: head 0 routes, head 1 is local
+    params, states, ids, _ = setup(cfg)
+    rng = np.random.default_rng(1)
+    params = {n: v + 0.3 * rng.standard_normal(v.shape) if n.endswith("_local") else v for n, v in params.items()}
+    without = dataclasses.replace(cfg, **{option: False})
+    traces = {}
+    for c in (cfg, without):
+        traces[c] = {}
+        M.forward({n: params[n] for n in M.param_shapes(c)}, ids, c, states, impl="ref", trace=traces[c])
+    on, off = traces[cfg]["h0"], traces[without]["h0"]
+    if option == "local_qkv_bias":  # the projections of head 1 move, head 0's do not
+        for name in "qkv":
+            assert np.array_equal(on[name][:, 0], off[name][:, 0]) and not np.allclose(on[name][:, 1], off[name][:, 1])
+    elif option == "rotary_values":  # head 0's values are rotated, head 1's are not
+        assert not np.allclose(on["v"][:, 0], off["v"][:, 0]) and np.array_equal(on["v"][:, 1], off["v"][:, 1])
+        cos, sin = M.rotary_tables(cfg.seq_len, cfg.head_dim, dtype=np.float64)
+        np.testing.assert_allclose(on["v"][:, :1], attention.apply_rotary(off["v"][:, :1], cos, sin), atol=1e-15)
+    logits_on = M.forward(params, ids, cfg, states, impl="ref")[0]
+    logits_off = M.forward({n: params[n] for n in M.param_shapes(without)}, ids, without, states, impl="ref")[0]
+    assert np.abs(logits_on - logits_off).max() > 1e-4
+
+
+def test_bad_port_parameters_are_named():
+    cfg = tiny(**PORT_OPTIONS)
+    params, states, ids, _ = setup(cfg)
+    with pytest.raises(ValueError, match=r"params\['b_v_local'\] must have shape \(4,\).*got \(8,\)"):
+        M.forward({**params, "h1.attn.b_v_local": np.zeros(8)}, ids, cfg, states, impl="ref")
+    with pytest.raises(ValueError, match=r"mem_k must have shape \(1, 2, 4\)"):
+        M.forward({**params, "h1.attn.mem_k": np.zeros((1, 3, 4))}, ids, cfg, states, impl="ref")
+
+
+def test_old_config_and_checkpoint_load_as_the_official_model(tmp_path):
+    """A config (or checkpoint JSON) written before the port's options existed has none of their keys."""
+    cfg = tiny()
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("mem_kv", "rotary_values", "local_qkv_bias")}
+    assert len(old) == len(cfg.to_dict()) - 3
+    assert M.Config.from_dict(old) == cfg and not (cfg.mem_kv or cfg.rotary_values or cfg.local_qkv_bias)
+
+    params, states, _, _ = setup(cfg)
+    train.save_checkpoint(tmp_path / "old", params=params, opt_state=optim.adamw_init(params), kmeans_states=states,
+                          step=3, rng=np.random.default_rng(0), cfg=cfg, tcfg=train.TrainConfig())
+    meta = json.loads((tmp_path / "old.json").read_text())
+    meta["model"] = {k: v for k, v in meta["model"].items() if k in old}  # the JSON's sha256 covers the .npz only
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    loaded = train.load_checkpoint(tmp_path / "old", expect_model=cfg)
+    assert loaded["cfg"] == cfg and loaded["step"] == 3
+    assert sorted(loaded["params"]) == sorted(params)
+    assert all(np.array_equal(loaded["params"][n], params[n]) for n in params)
