@@ -42,7 +42,8 @@ def test_tutorial_executes(path, monkeypatch, tmp_path):
 
 def test_every_tutorial_with_exercises_has_solutions():
     with_exercises = {p.stem for p in TUTORIALS if "from checks import" in p.read_text()}
-    assert with_exercises <= {p.stem for p in SOLUTIONS}, "a tutorial with exercises needs tutorials/solutions/<stem>.py"
+    missing = with_exercises - {p.stem for p in SOLUTIONS}
+    assert not missing, f"tutorials with exercises need tutorials/solutions/<stem>.py: {sorted(missing)}"
 
 
 @pytest.mark.slow
