@@ -687,8 +687,8 @@ assert leaks["nearest"] == 0
 
 # %%
 D_COST, L_COST, W_FIXED = 64, 64, 512
-Ts = [2**n for n in range(8, 15 if FAST else 17)]  # 256 ... 16384 (fast) or 65536
-DENSE_MAX = 2048 if FAST else 8192
+Ts = [2**n for n in range(8, 12 if FAST else 17)]  # 256 ... 2048 (fast: CI runs it with Numba's JIT off too) or 65536
+DENSE_MAX = 1024 if FAST else 8192
 
 
 def counted(kind, T, D=D_COST):
