@@ -335,7 +335,8 @@ def compare(expected, actual):
         for integer arrays, the fraction of entries that differ.  Windows are
         compared as sets of positions (each window sorted first): the order
         inside a window is a convention (the port keeps decreasing similarity).
-        A shape mismatch is an error of ``inf``.
+        A shape mismatch is an error of ``inf``, and so is a NaN or an infinity
+        in either array, unless both hold exactly the same values.
     """
     errors = {}
     for name in sorted(set(expected) & set(actual) - {"options"}):
@@ -346,6 +347,8 @@ def compare(expected, actual):
             errors[name] = float("inf")
         elif e.dtype.kind in "iub":
             errors[name] = float(np.mean(e != a)) if e.size else 0.0
+        elif not (np.isfinite(a).all() and np.isfinite(e).all()):  # nan > rtol is False: never let NaN pass
+            errors[name] = 0.0 if np.array_equal(a, e, equal_nan=True) else float("inf")
         else:
             a = a.astype(np.float64)
             scale = float(np.max(np.abs(e))) if e.size else 0.0
@@ -358,8 +361,10 @@ def assert_close(expected, actual, *, rtol, names=None):
     """Raise AssertionError listing every array whose :func:`compare` error exceeds ``rtol``.
 
     ``names``: the names that must be present in ``actual`` (default: those it has).
-    Integer arrays (windows, assignments) must match exactly.  Returns the errors.
+    Integer arrays (windows, assignments) must match exactly.  ``rtol`` is a finite number >= 0.
+    Returns the errors.
     """
+    rtol = _checks.real("rtol", rtol, 0.0)
     for side, arrays in (("actual", actual), ("expected", expected)):
         missing = [n for n in (names or ()) if n not in arrays]
         if missing:

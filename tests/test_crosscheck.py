@@ -177,6 +177,29 @@ def test_compare_windows_as_sets_and_detects_changes():
         crosscheck.assert_close(_case(8)[0], {"k": result["k"]}, rtol=1e-3, names=["k"])
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_output_never_passes(bad):
+    result, _ = _case(8)
+    theirs = {"out": result["out"].copy()}
+    theirs["out"][0, 0, 0, 0] = bad
+    assert crosscheck.compare(result, theirs)["out"] == float("inf")
+    with pytest.raises(AssertionError, match=r"1 of 1 arrays differ.*\n.*out: inf"):
+        crosscheck.assert_close(result, theirs, rtol=1e9)
+    full = {"out": np.full_like(result["out"], bad)}  # an array that is all NaN or inf
+    with pytest.raises(AssertionError, match="out: inf"):
+        crosscheck.assert_close(result, full, rtol=1e9)
+    same = {"out": theirs["out"]}  # the same non-finite values on both sides are a match
+    assert crosscheck.compare({"out": theirs["out"].copy()}, same)["out"] == 0.0
+
+
+@pytest.mark.parametrize("rtol, error", [(np.nan, ValueError), (np.inf, ValueError), (-1e-3, ValueError),
+                                         ("1e-3", TypeError)])
+def test_assert_close_rejects_a_bad_rtol(rtol, error):
+    result, _ = _case(8)
+    with pytest.raises(error, match="rtol"):
+        crosscheck.assert_close(result, {"out": result["out"]}, rtol=rtol)
+
+
 # ------------------------------------------------------------------------------ 4. bad input
 def test_bad_input_names_the_parameter():
     _, (q, k, v, g, means, _) = _case(9)

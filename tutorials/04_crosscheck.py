@@ -610,8 +610,8 @@ report("Exercise 4.1", ex04.check_saved_case, official_case)
 # For each bug, **first** write down which of the four names the function returns (`out`,
 # `query_windows`, `commitment`, `new_means`) will fail against `case` at `rtol=1e-12`. **Then** run
 # `crosscheck.compare(case, buggy(q, v, means, W))` and look. A name fails when its error is above
-# `rtol`, or is NaN, or when an integer array differs. Watch for NaN: `compare` reports it, but
-# `assert_close` does not list it, because `nan > rtol` is False.
+# `rtol`, or when an integer array differs. A NaN or an infinity where the reference has none is an
+# error of `inf`: it always fails.
 #
 # Return `{bug: (buggy_fn, predicted_names)}`, where `buggy_fn(q, v, means, W)` returns a dict like
 # `my_routing_attention`'s. The check runs every function on `case` and compares your prediction with what

@@ -18,7 +18,7 @@ TORCH_SKIP = ("Skipped (torch is not installed here): the PyTorch exercise 4.4 n
 def _fails(expected, actual, rtol):
     """The names that ``crosscheck.assert_close(expected, actual, rtol=rtol)`` would list, with their errors."""
     errors = crosscheck.compare(expected, actual)
-    # `not e <= tol` and not `e > tol`: an array holding a NaN has error NaN, and NaN > tol is False
+    # `not e <= tol` rather than `e > tol`: it also fails an error of NaN, should one ever appear
     return {n: e for n, e in errors.items()
             if not e <= (0 if np.asarray(expected[n]).dtype.kind in "iub" else rtol)}, errors
 
@@ -148,7 +148,7 @@ def check_planted_bugs(answer, case):
         observed = set(bad)
         assert predicted == observed, (
             f"{bug}: you predicted {sorted(predicted)}, but these fail: {sorted(observed)} (an error above "
-            f"rtol=1e-12, a NaN error, or an integer array that differs). The errors compare reports:\n"
+            f"rtol=1e-12, including inf for a NaN, or an integer array that differs). The errors compare reports:\n"
             f"{_table(errors)}\n  Why does each failing name depend on the line you changed, and why do the "
             "others not?")
         if bug in _FINGERPRINTS:
