@@ -27,13 +27,7 @@ RTOL = {np.float32: 1e-5, np.float64: 1e-10}
 
 
 # ------------------------------------------------------------------------------ helpers
-@pytest.fixture(autouse=True)
-def _torch_float64():
-    """Every port module built here is float64 unless a test casts it; restored afterwards."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
+pytestmark = pytest.mark.usefixtures("torch_float64")  # tests/conftest.py: port modules in float64
 
 
 def _inputs(seed=0, dtype=np.float64, norm="l2"):

@@ -31,7 +31,8 @@ from rt_numpy import crosscheck  # noqa: E402
 from rt_numpy import model as M  # noqa: E402
 
 # The port builds empty (0, C) projections for the routing heads of a local-only layer; torch warns.
-pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+pytestmark = [pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op"),
+              pytest.mark.usefixtures("torch_float64")]  # tests/conftest.py: port modules in float64
 RTOL = 1e-12
 TIED_SEPARATE = dict(causal=True, shared_qk=False, tie_embedding=True)
 CASES = {  # the port's constructor arguments; dim_head = dim // heads
@@ -43,15 +44,6 @@ CASES = {  # the port's constructor arguments; dim_head = dim // heads
                                  window_size=16, local_attn_window_size=8, local_attn_radius_blocks=2,
                                  n_local_attn_heads=(3, 3)),
 }
-
-
-@pytest.fixture(autouse=True)
-def _torch_float64():
-    """Every port module built here is float64; the default dtype is restored afterwards."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
 
 
 def _port_lm(arguments, seed=0):
