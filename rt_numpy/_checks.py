@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 from autograd.tracer import getval
@@ -189,3 +190,36 @@ def kmeans_state(state):
     if bool((counts < 0).any()):
         raise ValueError(f"state['counts'] must not be negative, got minimum {float(counts.min())}")
     return mu.shape
+
+
+# --------------------------------------------------------------------------- sizes
+GiB = 2 ** 30
+FALLBACK_MEMORY = 16 * GiB
+"""The limit where the system does not report its memory (os.sysconf is missing on Windows)."""
+
+
+def memory_limit():
+    """The most bytes one request may ask for: the machine's physical memory.
+
+    Read as ``SC_PAGE_SIZE * SC_PHYS_PAGES`` from :func:`os.sysconf`; where the
+    system does not report it, :data:`FALLBACK_MEMORY` (16 GiB).  A request above
+    it could only swap or die, so it is refused before anything is allocated.
+    """
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return FALLBACK_MEMORY
+
+
+def allocation(what, nbytes, limit=None):
+    """Refuse a request whose arrays would need more than ``limit`` bytes (default :func:`memory_limit`).
+
+    ``what`` says which request and which sizes, e.g. ``"random_batches(batch_size=10**9, seq_len=64)"``;
+    the message gives the estimate in GiB.  Returns ``nbytes`` as an int.
+    """
+    source = "the machine's memory" if limit is None else "the limit given"
+    limit = memory_limit() if limit is None else limit
+    if nbytes > limit:
+        raise ValueError(f"{what} would need about {nbytes / GiB:.3g} GiB, more than {source} "
+                         f"({limit / GiB:.3g} GiB): make the sizes smaller")
+    return int(nbytes)
