@@ -88,12 +88,37 @@ def float_array(name, x, ndim):
         raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} axes, got shape {tuple(x.shape)}")
+    _refuse_non_finite(name, x)
+    return x
+
+
+def _refuse_non_finite(name, x):
+    """Raise a ValueError naming ``name`` and the first NaN or infinity of ``x``, if it has one."""
     xp = backend.get_array_module(x)
     finite = xp.isfinite(x)
     if not bool(finite.all()):
         where = tuple(int(i) for i in xp.argwhere(~finite)[0])  # the first bad entry, for the message
         raise ValueError(f"{name} contains NaN or infinity: got {float(x[where])} at index {where}")
-    return x
+
+
+def finite_arrays(arrays):
+    """Every array of the dict ``label -> array`` is finite; the message names the first bad label.
+
+    Cheap enough to run on every training step: one float64 sum per array and a
+    single read of the total (one device sync on CuPy), since a NaN or an
+    infinity anywhere makes the total NaN or infinite.  The entry-by-entry scan
+    runs only then, to name the array and the index (or to find nothing, when
+    huge finite values overflowed the sum).
+    """
+    if not arrays:
+        return
+    xp = backend.get_array_module(*arrays.values())
+    with np.errstate(all="ignore"):  # inf - inf = NaN is what we look for, not a warning
+        total = sum(xp.sum(a, dtype=xp.float64) for a in arrays.values())
+        if math.isfinite(float(total)):
+            return
+    for label, a in arrays.items():
+        _refuse_non_finite(label, a)
 
 
 def qkv(q, k, v):

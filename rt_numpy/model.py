@@ -115,6 +115,11 @@ class Config:
             raise ValueError(f"seq_len must be a multiple of block_size={self.block_size}, got {self.seq_len}")
         if self.window_size > self.seq_len:
             raise ValueError(f"window_size must be <= seq_len={self.seq_len}, got {self.window_size}")
+        if self.num_clusters > self.seq_len:  # more clusters than tokens: clusters that can never fill
+            raise ValueError(f"num_clusters must be <= seq_len={self.seq_len}, got {self.num_clusters}")
+        if self.look_back > self.seq_len // self.block_size:  # more blocks than the context holds
+            raise ValueError(f"look_back must be <= seq_len / block_size = {self.seq_len // self.block_size}, "
+                             f"got {self.look_back}")
         choices = {"pos_encoding": POS_ENCODINGS, "norm": kmeans.NORMS, "logits": attention.LOGITS,
                    "membership": attention.MEMBERSHIP, "self_attend": attention.SELF_ATTEND,
                    "commitment_qk": kmeans.COMMITMENT_QK, "centroid_update": kmeans.CENTROID_UPDATES,
@@ -169,6 +174,8 @@ class Config:
     @classmethod
     def from_dict(cls, values):
         """A Config from a dict (e.g. read from a checkpoint's JSON); unknown keys are an error."""
+        if not isinstance(values, dict):
+            raise TypeError(f"values must be a dict of config fields, got {type(values).__name__}")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
@@ -221,8 +228,12 @@ def init_params(cfg, rng):
     Returns a dict ``name -> array`` of ``cfg.dtype`` (names: :func:`param_shapes`).
     """
     _checks.generator("rng", rng)
+    shapes = param_shapes(cfg)
+    count = sum(math.prod(shape) for shape in shapes.values())
+    _checks.allocation(f"init_params: {count:,} parameters (width={cfg.width}, n_layers={cfg.n_layers}, "
+                       f"vocab_size={cfg.vocab_size}, seq_len={cfg.seq_len})", 8 * count)  # float64 draws
     params = {}
-    for name, shape in param_shapes(cfg).items():
+    for name, shape in shapes.items():
         if name.endswith(".g"):
             value = np.ones(shape)
         elif name.endswith((".b", ".b_in", ".b_out", "_local")):
@@ -251,6 +262,132 @@ def update_kmeans(cfg, states, stats):
     return {name: kmeans.update_state(state, stats[name], centroid_update=cfg.centroid_update,
                                       ema_decay=cfg.ema_decay, norm=cfg.norm)
             for name, state in states.items()}
+
+
+# --------------------------------------------------------------------------- entry checks
+def routing_layers(cfg):
+    """Names of the layers that keep a k-means state: ``["h{i}", ...]``."""
+    return [f"h{i}" for i in range(cfg.n_layers) if cfg.is_routing_layer(i)]
+
+
+def _array_of(label, value, shape, dtype):
+    """``value`` (unboxed) is an array of ``shape`` and ``dtype``; returns it."""
+    value = getval(value)
+    if not hasattr(value, "dtype") or not hasattr(value, "shape"):
+        raise TypeError(f"{label} must be an array, got {type(value).__name__}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{label} must have shape {shape} for this config, got {tuple(value.shape)}")
+    if value.dtype != dtype:
+        raise TypeError(f"{label} must have dtype {dtype} (cfg.dtype), got {value.dtype}")
+    return value
+
+
+def _one_array_module(what, arrays):
+    """Every array of ``arrays`` (label -> array) lives on one device: NumPy or CuPy, not both."""
+    modules = {label: backend.get_array_module(a).__name__ for label, a in arrays.items()}
+    if len(set(modules.values())) > 1:
+        raise TypeError(f"{what} mix array modules: {modules}")
+
+
+def check_params(params, cfg):
+    """``params`` is a parameter dict of ``cfg``: every name of :func:`param_shapes` and no
+    other, each a finite array of its shape and of ``cfg.dtype``, all on one device.
+
+    Raises a TypeError or ValueError naming the parameter, e.g.
+    ``params['wte'] contains NaN``.  Looks through autograd boxes and works on
+    CuPy arrays; the finiteness check is one sum per array
+    (:func:`rt_numpy._checks.finite_arrays`), cheap next to a forward pass
+    (docs/design.md#reproducibility-and-entry-checks).
+    """
+    params = getval(params)  # a dict, also when autograd differentiates the whole dict
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be a dict name -> array from init_params(cfg, rng), "
+                        f"got {type(params).__name__}")
+    shapes = param_shapes(cfg)
+    missing = [name for name in shapes if name not in params]
+    unknown = [name for name in params if name not in shapes]
+    if missing or unknown:
+        raise ValueError(f"params do not fit this config: missing {missing}, not in the config {unknown} "
+                         f"(the names are model.param_shapes(cfg))")
+    arrays = {f"params[{name!r}]": _array_of(f"params[{name!r}]", params[name], shape, np.dtype(cfg.dtype))
+              for name, shape in shapes.items()}
+    _one_array_module("params", arrays)
+    _checks.finite_arrays(arrays)
+
+
+def check_kmeans_states(kmeans_states, cfg):
+    """``kmeans_states`` holds a state for each routing layer of ``cfg`` and for no other layer,
+    with finite centroids ``means`` (n_route_heads, K, D) of ``cfg.dtype``.
+
+    Only the centroids are checked: they are all that :func:`forward` reads
+    (:func:`rt_numpy._checks.kmeans_state` checks a whole state before an update).
+    """
+    layers = routing_layers(cfg)
+    if not isinstance(kmeans_states, dict):
+        raise TypeError(f"kmeans_states must be a dict from init_kmeans(cfg, rng), got {type(kmeans_states).__name__}")
+    missing = [name for name in layers if name not in kmeans_states]
+    if missing:
+        raise ValueError(f"kmeans_states has no state for routing layers {missing} (got keys {sorted(kmeans_states)}): "
+                         f"create it with init_kmeans(cfg, rng)")
+    unknown = [name for name in kmeans_states if name not in layers]
+    if unknown:
+        raise ValueError(f"kmeans_states has states for {unknown}, which are not routing layers of this config "
+                         f"(routing layers: {layers})")
+    shape = (cfg.n_route_heads, cfg.num_clusters, cfg.head_dim)
+    arrays = {}
+    for name in layers:
+        state = kmeans_states[name]
+        if not isinstance(state, dict) or "means" not in state:
+            raise ValueError(f"kmeans_states[{name!r}] must be a k-means state dict with 'means', "
+                             f"got {type(state).__name__}")
+        label = f"kmeans_states[{name!r}]['means']"
+        arrays[label] = _array_of(label, state["means"], shape, np.dtype(cfg.dtype))
+    _one_array_module("kmeans_states", arrays)
+    _checks.finite_arrays(arrays)
+
+
+def check_ids(ids, cfg, name="ids"):
+    """Token ids: an integer array (B, T) with B >= 1, 1 <= T <= seq_len and values in [0, vocab_size).
+
+    Returns the unboxed array.
+    """
+    ids = getval(ids)
+    if not hasattr(ids, "dtype") or not hasattr(ids, "shape") or ids.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array (B, T), got {getattr(ids, 'dtype', type(ids).__name__)}")
+    if ids.ndim != 2 or ids.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (B, T) with B >= 1, got {tuple(ids.shape)}")
+    if not 1 <= ids.shape[1] <= cfg.seq_len:
+        raise ValueError(f"{name} must have 1 <= T <= seq_len={cfg.seq_len}, got T={ids.shape[1]}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= cfg.vocab_size:
+        raise ValueError(f"{name} must lie in [0, vocab_size={cfg.vocab_size}), got values in [{low}, {high}]")
+    return ids
+
+
+def forward_bytes(cfg, B, T):
+    """A lower bound on the bytes that one :func:`forward` of ``B`` rows of ``T`` tokens keeps for its backward pass.
+
+    Per layer: the residual stream and the block's inner arrays, about
+    ``8 C + 3 F`` values per token; the local heads' logits
+    (B, H_local, T, (look_back + 1) L); the routing heads' distances
+    (B, Hr, T, K) and logits inside clusters (B, Hr, K, W, W); a baseline's
+    logits (dense (B, Hr, T, T), strided and LSH at least (B, Hr, n_hashes T, W)).
+    Then the output logits (B, T, V), twice (the softmax of the loss).  The
+    forward pass refuses a request whose bound exceeds the machine's memory.
+    """
+    C, F, V, K = cfg.width, cfg.ff_mult * cfg.width, cfg.vocab_size, cfg.num_clusters
+    W, L = min(cfg.window_size, T), min(cfg.block_size, T)
+    values = 2 * B * T * V
+    for i in range(cfg.n_layers):
+        Hr = cfg.num_heads - cfg.n_local_heads(i)
+        values += B * T * (8 * C + 3 * F) + B * cfg.n_local_heads(i) * T * (cfg.look_back + 1) * L
+        if cfg.is_routing_layer(i):
+            values += B * Hr * (T * K + K * W * W)
+        elif cfg.attention == "dense":
+            values += B * Hr * T * T
+        else:
+            values += B * Hr * cfg.n_hashes * T * W
+    return values * np.dtype(cfg.dtype).itemsize
 
 
 # --------------------------------------------------------------------------- forward
@@ -307,22 +444,15 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=Non
         ``commitment`` (scalar, summed over routing layers) and ``stats``
         (``{"h{i}": cluster statistics}``) for :func:`update_kmeans`.
     """
-    ids_v = getval(ids)
-    if getattr(ids_v, "ndim", None) != 2 or getattr(ids_v, "dtype", np.float64).kind not in "iu":
-        raise TypeError(f"ids must be an integer array (B, T), got {getattr(ids_v, 'dtype', type(ids_v))} "
-                        f"of shape {getattr(ids_v, 'shape', None)}")
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be a model.Config, got {type(cfg).__name__}")
+    ids_v = check_ids(ids, cfg)
     B, T = ids_v.shape
-    if not 1 <= T <= cfg.seq_len:
-        raise ValueError(f"ids must have 1 <= T <= seq_len={cfg.seq_len}, got T={T}")
-    if ids_v.size and (int(ids_v.min()) < 0 or int(ids_v.max()) >= cfg.vocab_size):
-        raise ValueError(f"ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
-                         f"[{int(ids_v.min())}, {int(ids_v.max())}]")
     key_mask = _checks.key_mask(key_mask, B, T)
-    missing = [f"h{i}" for i in range(cfg.n_layers) if cfg.is_routing_layer(i)
-               and not (isinstance(kmeans_states, dict) and f"h{i}" in kmeans_states)]
-    if missing:
-        raise ValueError(f"kmeans_states has no state for routing layers {missing}: "
-                         f"create it with init_kmeans(cfg, rng)")
+    check_params(params, cfg)
+    check_kmeans_states(kmeans_states, cfg)
+    _checks.allocation(f"forward of ids {(B, T)} (num_clusters={cfg.num_clusters}, window_size={cfg.window_size}, "
+                       f"vocab_size={cfg.vocab_size})", forward_bytes(cfg, B, T))
     C, D = cfg.width, cfg.head_dim
     xp = backend.get_array_module(getval(params["wte"]))
     with backend.use_impl(impl, xp):  # every primitive below, forward and backward
@@ -432,6 +562,11 @@ def loss(params, ids, targets, cfg, kmeans_states, *, rng=None, impl="auto", key
     aux : dict
         :func:`forward`'s aux, plus ``cross_entropy``.
     """
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be a model.Config, got {type(cfg).__name__}")
+    shape = check_ids(ids, cfg).shape
+    if check_ids(targets, cfg, "targets").shape != shape:
+        raise ValueError(f"targets must have the shape of ids {tuple(shape)}, got {tuple(getval(targets).shape)}")
     logits, aux = forward(params, ids, cfg, kmeans_states, rng=rng, impl=impl, key_mask=key_mask)
     B, T, V = getval(logits).shape
     masks = [backend.to_numpy(_checks.key_mask(m, B, T, name))

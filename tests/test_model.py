@@ -416,7 +416,9 @@ def test_dropout_gradient_matches_finite_differences():
 
 @pytest.mark.parametrize("make_ids, error, match", [
     (lambda ids: ids.astype(np.float64), TypeError, "ids must be an integer array"),
-    (lambda ids: ids[0], TypeError, "ids must be an integer array"),
+    (lambda ids: ids[0], ValueError, r"ids must have shape \(B, T\)"),
+    (lambda ids: ids[:0], ValueError, r"ids must have shape \(B, T\) with B >= 1, got \(0, 16\)"),
+    (lambda ids: ids.tolist(), TypeError, "ids must be an integer array"),
     (lambda ids: np.concatenate([ids, ids], axis=1), ValueError, "seq_len=16, got T=32"),
     (lambda ids: ids[:, :0], ValueError, "got T=0"),
     (lambda ids: ids + 32, ValueError, r"ids must lie in \[0, vocab_size=32\)"),
@@ -496,9 +498,9 @@ def test_port_option_acts_where_it_should(option):
 def test_bad_port_parameters_are_named():
     cfg = tiny(**PORT_OPTIONS)
     params, states, ids, _ = setup(cfg)
-    with pytest.raises(ValueError, match=r"params\['b_v_local'\] must have shape \(4,\).*got \(8,\)"):
+    with pytest.raises(ValueError, match=r"params\['h1.attn.b_v_local'\] must have shape \(4,\).*got \(8,\)"):
         M.forward({**params, "h1.attn.b_v_local": np.zeros(8)}, ids, cfg, states, impl="ref")
-    with pytest.raises(ValueError, match=r"mem_k must have shape \(1, 2, 4\)"):
+    with pytest.raises(ValueError, match=r"params\['h1.attn.mem_k'\] must have shape \(1, 2, 4\)"):
         M.forward({**params, "h1.attn.mem_k": np.zeros((1, 3, 4))}, ids, cfg, states, impl="ref")
 
 
