@@ -271,7 +271,8 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
         (docs/design.md#choosing-an-implementation).  ``"numba"`` (NumPy
         arrays) or ``"cupy"`` (CuPy arrays): the routing decisions and the
         attention inside the clusters run fused kernels (balanced membership,
-        no ``mem_kv``); ``"ref"`` runs no compiled code.
+        no ``mem_kv``; nearest membership without ``mem_kv`` on ``"numba"``:
+        :func:`nearest_attention_fused`); ``"ref"`` runs no compiled code.
     key_mask : bool array (B, T), optional
         True at real tokens.  Padding joins no cluster, enters no k-means
         statistic and no commitment loss, and no query sees it
@@ -324,7 +325,12 @@ def routing_attention(q, k, v, means, *, window_size=None, shared_qk=True, norm=
 
         # 4. Attend inside the clusters and 5. combine back to positions by a scatter-mean
         #    (docs/algorithm.md#15-combine).
-        if membership == "nearest":
+        if membership == "nearest" and run == "numba" and mem_kv is None:
+            shared = shared_qk and logits == "normalized"  # the keys are the queries: one array, one grouping
+            aq, ak = stats["assignments"][0], stats["assignments"][-1]  # (B, H, T) each; padding is -1
+            out = nearest_attention_fused(q_logit, None if shared else k_logit, v, aq, None if shared else ak,
+                                          mu.shape[1], scale, self_attend == "last_resort", combine_eps)
+        elif membership == "nearest":
             out = _nearest_attention(q_logit, k_logit, v, stats["assignments"], scale, self_attend,
                                      combine_eps, mem_kv)
         elif run != "ref" and mem_kv is None and (real is None or int(real.sum(axis=1).min()) >= W):
@@ -435,6 +441,8 @@ def _nearest_attention(q, k, v, assignments, scale, self_attend, combine_eps, me
     readability (the reference).  Each token is in exactly one cluster, so the
     scatter-mean divides by 1 + combine_eps.  With ``mem_kv``, the K memory
     keys of the head go first, and query i sees the one of its own cluster.
+    :func:`nearest_attention_fused` computes the same without ``mem_kv`` in
+    O(T) memory (what ``impl="numba"`` runs).
     """
     T = getval(q).shape[2]
     xp = backend.get_array_module(getval(q))
@@ -714,3 +722,44 @@ def _cluster_attention_fused_vjp(argnums, ans, args, kwargs):
 
 
 defvjp_argnums(cluster_attention_fused, _cluster_attention_fused_vjp)
+
+
+@primitive
+def nearest_attention_fused(q, k, v, query_assignments, key_assignments, num_clusters, scale, last_resort,
+                            combine_eps):
+    """:func:`_nearest_attention` (no ``mem_kv``) as one fused Numba kernel, O(T) memory instead of O(T^2).
+
+    ``query_assignments`` and ``key_assignments`` (B, H, T) are the two streams'
+    clusters (``stats["assignments"]``), -1 at padding; ``last_resort`` is
+    ``self_attend == "last_resort"``.  ``k=None`` with ``key_assignments=None``
+    means shared QK: the keys are the queries and dq carries both gradients.
+    Nothing of size (T, T) is made or kept: the backward kernel recomputes each
+    row's probabilities.  First-order gradients only; NumPy arrays only (on
+    CuPy arrays the reference runs).  :mod:`rt_numpy.kernels.numba_nearest`.
+    """
+    from rt_numpy.kernels import numba_nearest
+
+    return numba_nearest.forward(np.ascontiguousarray(q), _contiguous(k), np.ascontiguousarray(v),
+                                 np.ascontiguousarray(query_assignments, dtype=np.int64),
+                                 _contiguous(key_assignments, np.int64), int(num_clusters), float(scale),
+                                 bool(last_resort), float(combine_eps))
+
+
+def _nearest_attention_fused_vjp(argnums, ans, args, kwargs):
+    """One backward kernel call gives the gradients of q, k and v together (dk None with shared QK)."""
+    from rt_numpy.kernels import numba_nearest
+
+    q, k, v, query_assignments, key_assignments, num_clusters, scale, last_resort, combine_eps = args
+
+    def vjp(g):
+        dq, dk, dv = numba_nearest.backward(
+            np.ascontiguousarray(g, dtype=ans.dtype), np.ascontiguousarray(q), _contiguous(k),
+            np.ascontiguousarray(v), np.ascontiguousarray(query_assignments, dtype=np.int64),
+            _contiguous(key_assignments, np.int64), int(num_clusters), float(scale), bool(last_resort),
+            float(combine_eps))
+        return tuple((dq, dk, dv)[i] for i in argnums)
+
+    return vjp
+
+
+defvjp_argnums(nearest_attention_fused, _nearest_attention_fused_vjp)
