@@ -1,45 +1,53 @@
 """Generation: extend a prompt one byte at a time with a trained (or untrained) model.
 
-* :func:`generate` - the loop: run the model on a context window, read the
-  logits after the last real token, draw the next token, append, repeat.
+* :func:`generate` - the loop: read the logits after the last token of the
+  context window, draw the next token, append, repeat; with a key/value cache
+  (:mod:`rt_numpy.cache`) where it is exact, or by recomputing the window.
 * :func:`next_logits` - the logits of the next token after each sequence of a
-  batch (the context-window rule below, in one place).
+  batch, by the full recompute (the context-window rule below, in one place).
+* :func:`cache_is_exact` - whether the cache reproduces the full recompute.
 * :func:`sample_next` - one draw from logits: temperature, then top-k, then top-p.
 * :func:`filter_logits` - the top-k and nucleus (top-p) filters on their own.
 
 The context window
 ------------------
-:func:`rt_numpy.model.forward` takes T tokens with T a multiple of the local
-block length L and T <= seq_len.  For a sequence of n tokens the window is:
+:func:`rt_numpy.model.forward` takes any T <= seq_len, so the window of a
+sequence of n tokens is made of real tokens only, never padded:
 
-* n >= L, strictly causal model (``membership="nearest"``, or no routing
-  heads): the last ``m = min(n, seq_len)`` tokens, right-padded with byte 0 up
-  to the next multiple of L.  Every head is causal, so the padding cannot reach
-  the real positions: the logits are those of an unpadded run, to rounding.
-* n >= L, balanced routing (the default): the last ``ctx`` tokens, ``ctx`` the
-  largest multiple of L <= min(n, seq_len); no padding.  Balanced membership is
-  *not* causal (docs/algorithm.md#3-the-causal-leak): each cluster takes its W best tokens over
-  the whole window, so padding tokens would compete for cluster places and
-  change the routing output at earlier positions.  Dropping up to L - 1 of the
-  oldest tokens instead keeps the window made of real tokens only, as in
-  training; the logits are exactly ``forward(window)[:, -1]``.
-* n < L: the n tokens right-padded with byte 0 to L (there is nothing else to
-  do).  Exact for a strictly causal model; with balanced routing the padding
-  may change the routing heads' output at the real positions (a short prompt
-  is out of the training distribution anyway).
+* n <= seq_len: the whole sequence, positions 0..n-1.
+* n > seq_len: the window slides by whole steps of ``slide`` tokens (default
+  seq_len / 2): it starts at the smallest multiple of ``slide`` that leaves at most
+  seq_len tokens, and positions (learned or rotary) and local block boundaries
+  restart at its first token, as in a training window.  Its length falls back to
+  seq_len - slide + 1 after each slide and grows again.
 
-Past ``seq_len`` the window slides: the oldest tokens are dropped and, with
-learned positions, the window always starts at position 0, as training windows do.
+A slide of 1 would keep the longest context but change every position of the
+window at every step; whole steps let the cache reuse the window between slides
+(each slide costs one forward pass over the new window, a "prefill").  The
+logits are always exactly ``forward(window)[:, -1]`` (the full recompute),
+cached or not.
 
-No key/value cache
-------------------
-Every new token recomputes the whole window, as the PyTorch port does
-(docs/algorithm.md#6-what-users-ran-into).  With balanced routing a cache would be wrong, not just hard: when a
-token is appended, every cluster re-picks its W members over the whole window,
-so the routing output at *earlier* positions changes and the keys and values of
-the following layers change with it; and once the window slides, every learned
-position moves.  Only a strictly causal model could reuse its past, and the
-cost here is a few hundred tokens per step: clarity wins.
+The key/value cache
+-------------------
+``generate(..., cache="auto")`` uses :mod:`rt_numpy.cache` when the model is
+strictly causal (``membership="nearest"``, or no routing heads): the keys and
+values at earlier positions never change when a token is appended, so one
+position per step gives the full recompute's logits to rounding, and the same
+tokens for the same seed.  With balanced routing (the default) no cache is
+exact: each cluster re-picks its W members over the whole window, so a new
+token can evict an earlier member and change the routing output at *earlier*
+positions, and the keys and values of the following layers with it
+(docs/algorithm.md#9-generation-and-the-keyvalue-cache has a worked example).
+There ``cache="auto"`` recomputes the window every step, as the PyTorch port
+does (docs/algorithm.md#6-what-users-ran-into); ``cache=True`` is an error; and
+``decode_rule="prefix"`` offers the official decoder's rule as a documented
+approximation (members chosen among the prefix, states kept).
+
+Past seq_len the cache cannot carry over a slide: the positions of the kept
+tokens change (learned positions move; rotary angles keep q.k products that
+depend only on the offset, but the nearest centroid of a rotated key depends on
+its absolute angle), and local block boundaries move.  So every slide refills
+the cache from the new window, with learned or rotary positions alike.
 
 Centroids are read from ``kmeans_states`` and never updated while sampling; a
 model can sample before any training because :func:`rt_numpy.model.init_kmeans`
@@ -52,9 +60,8 @@ import numbers
 
 import numpy as np
 
-from rt_numpy import backend, model
-
-PAD_ID = 0  # the byte used to right-pad a window (see the module docstring)
+from rt_numpy import _checks, backend, model
+from rt_numpy import cache as cache_lib
 
 
 # --------------------------------------------------------------------------- checks
@@ -129,11 +136,6 @@ def check_kmeans_states(cfg, kmeans_states):
                              f"got {getattr(means, 'shape', type(means).__name__)}")
         if not bool(backend.get_array_module(means).isfinite(means).all()):
             raise ValueError(f"kmeans_states[{name!r}]['means'] contains NaN or infinity")
-
-
-def _is_strictly_causal(cfg):
-    """True when no output at a position depends on later tokens (docs/algorithm.md#3-the-causal-leak)."""
-    return cfg.membership == "nearest" or not routing_layers(cfg)
 
 
 # --------------------------------------------------------------------------- filters
@@ -221,40 +223,85 @@ def sample_next(logits, rng, temperature=1.0, top_k=None, top_p=None):
 
 
 # --------------------------------------------------------------------------- the model side
-def context_window(n, cfg):
-    """Where the window of a sequence of n tokens comes from (see the module docstring).
+def default_slide(cfg):
+    """How far the window moves once a sequence outgrows ``seq_len``: half of it (at least 1)."""
+    return max(1, cfg.seq_len // 2)
 
-    Returns ``(start, pad)``: the window is ``seq[start:n]`` followed by ``pad``
-    padding tokens; its length is a multiple of ``cfg.block_size``, at most
-    ``cfg.seq_len``, and the next-token logits are read at index ``n - start - 1``.
+
+def _check_slide(cfg, slide):
+    if slide is None:
+        return default_slide(cfg)
+    return _checks.integer("slide", slide, 1, max(1, cfg.seq_len - 1), what=f" (seq_len={cfg.seq_len})")
+
+
+def context_window(n, cfg, slide=None):
+    """Where the window of a sequence of n tokens starts (see the module docstring).
+
+    Returns ``start``: the window is ``seq[start:n]``, 1 to ``seq_len`` tokens,
+    and the next-token logits are those after its last token.  ``start`` is 0
+    while ``n <= seq_len``, then the smallest multiple of ``slide`` (default
+    :func:`default_slide`) that leaves at most ``seq_len`` tokens.
     """
-    L = cfg.block_size
-    if n < L:
-        return 0, L - n
-    if _is_strictly_causal(cfg):
-        m = min(n, cfg.seq_len)  # seq_len is a multiple of L, so the padded window fits
-        return n - m, -m % L
-    ctx = min(n, cfg.seq_len) // L * L
-    return n - ctx, 0
+    slide = _check_slide(cfg, slide)
+    if n <= cfg.seq_len:
+        return 0
+    return -(-(n - cfg.seq_len) // slide) * slide  # ceil((n - seq_len) / slide) * slide
 
 
-def next_logits(params, cfg, kmeans_states, ids, *, impl="auto"):
+def next_logits(params, cfg, kmeans_states, ids, *, impl="auto", slide=None):
     """Logits (B, V) of the token after each row of ``ids`` (B, n), any n >= 1.
 
     Runs :func:`rt_numpy.model.forward` in evaluation mode (no dropout) on the
-    context window of :func:`context_window`.  Returns a NumPy array of the
-    parameters' dtype.
+    context window of :func:`context_window`: the full recompute.  Returns a
+    NumPy array of the parameters' dtype.
     """
-    B, n = ids.shape
-    start, pad = context_window(n, cfg)
-    window = np.concatenate([ids[:, start:], np.full((B, pad), PAD_ID, dtype=ids.dtype)], axis=1)
-    logits, _ = model.forward(params, window, cfg, kmeans_states, rng=None, impl=impl)  # (B, T, V)
-    last = logits[:, n - start - 1]  # (B, V), after the last real token
-    return np.asarray(_to_numpy(last))
+    start = context_window(ids.shape[1], cfg, slide)
+    logits, _ = model.forward(params, ids[:, start:], cfg, kmeans_states, rng=None, impl=impl)  # (B, T, V)
+    return np.asarray(_to_numpy(logits[:, -1]))  # (B, V), after the last token
+
+
+def cache_is_exact(cfg):
+    """True when the key/value cache gives the full recompute's logits (a strictly causal model).
+
+    :func:`rt_numpy.cache.inexact_reason` says why not otherwise.
+    """
+    return cache_lib.inexact_reason(cfg) is None
+
+
+def _use_cache(cfg, cache, decode_rule):
+    """Whether :func:`generate` runs the cache, from its ``cache`` and ``decode_rule`` arguments."""
+    if not (isinstance(cache, bool) or cache == "auto"):
+        raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
+    _checks.choice("decode_rule", decode_rule, cache_lib.RULES)
+    if decode_rule == "prefix":  # the approximate rule is a cached computation by definition
+        if cache is False:
+            raise ValueError("cache=False cannot run decode_rule='prefix': the prefix rule keeps each "
+                             "position's keys and values as they were when it was the newest, which is a cache")
+        cache_lib._check_rule(cfg, "prefix")
+        return True
+    reason = cache_lib.inexact_reason(cfg)
+    if cache is True and reason is not None:
+        raise ValueError(f"cache=True: a key/value cache is not exact for this model: {reason}; use "
+                         f"cache='auto' or False (full recompute), or decode_rule='prefix' (approximate)")
+    return cache is True or (cache == "auto" and reason is None)
+
+
+def memory_estimate(cfg, B, n_total, use_cache=False):
+    """A rough lower bound on the bytes :func:`generate` allocates (its largest arrays).
+
+    The token array (B, n_total) int64; one forward pass over a full window
+    (its logits (B, T, V) and feed-forward activations (B, T, ff_mult C), and one
+    attention matrix (B, H, T, T)); and with the cache, every layer's keys and
+    values (B, H, T, D) twice.  T = min(n_total, seq_len).
+    """
+    T, item = min(n_total, cfg.seq_len), np.dtype(cfg.dtype).itemsize
+    window = B * T * (cfg.vocab_size + cfg.ff_mult * cfg.width + cfg.num_heads * T) * item
+    stored = 2 * cfg.n_layers * B * T * cfg.width * item if use_cache else 0
+    return 8 * B * n_total + window + stored
 
 
 def generate(params, cfg, kmeans_states, prompt_ids, n_new, *, rng, temperature=1.0, top_k=None, top_p=None,
-             impl="auto"):
+             impl="auto", cache="auto", decode_rule="exact", slide=None):
     """Extend each prompt by ``n_new`` sampled tokens.
 
     Parameters
@@ -268,13 +315,27 @@ def generate(params, cfg, kmeans_states, prompt_ids, n_new, *, rng, temperature=
     prompt_ids : int array (B, n0), or (n0,) for one prompt
         Token ids in [0, vocab_size), n0 >= 1 (there is no start token).
     n_new : int >= 0
-        Tokens to add; the sequence may grow past ``cfg.seq_len`` (the window slides).
+        Tokens to add; the sequence may grow past ``cfg.seq_len`` (the window
+        slides, see ``slide``).
     rng : numpy.random.Generator
         Drives every draw; may be None when ``temperature == 0``.
     temperature, top_k, top_p
         As in :func:`sample_next` (0 = greedy).
     impl : {"auto", "ref", "numba", "cupy"}
         Passed to the model.
+    cache : {"auto", True, False}
+        The key/value cache of :mod:`rt_numpy.cache`.  ``"auto"``: used where it
+        is exact (:func:`cache_is_exact`); True: required (a ValueError says why
+        it is not exact for this model); False: every step recomputes the window.
+        Cached or not, a seed gives the same tokens.
+    decode_rule : {"exact", "prefix"}
+        ``"exact"``: the logits of ``forward`` on the context window.
+        ``"prefix"``: the official decoder's rule for balanced routing, an
+        *approximation* (:mod:`rt_numpy.cache`): each cluster's members are
+        chosen among the prefix when a position is decoded, and kept.
+    slide : int, optional
+        How far the window moves past ``seq_len`` (:func:`context_window`),
+        1 <= slide < seq_len; default :func:`default_slide`.
 
     Returns
     -------
@@ -283,9 +344,11 @@ def generate(params, cfg, kmeans_states, prompt_ids, n_new, *, rng, temperature=
 
     Notes
     -----
-    docs/algorithm.md#3-the-causal-leak, docs/algorithm.md#6-what-users-ran-into.  Each step
-    recomputes the whole window (no cache, see the module docstring), so a step
-    costs one forward pass of at most ``seq_len`` tokens.
+    docs/algorithm.md#9-generation-and-the-keyvalue-cache.  Without the cache
+    a step costs one forward pass of up to ``seq_len`` tokens; with it, one
+    position per step, plus a forward pass over the window each time it slides.
+    Sizes whose arrays could not fit in memory (:func:`memory_estimate`) are
+    refused before anything is allocated.
     """
     if not isinstance(cfg, model.Config):
         raise TypeError(f"cfg must be an rt_numpy.model.Config, got {type(cfg).__name__}")
@@ -295,17 +358,21 @@ def generate(params, cfg, kmeans_states, prompt_ids, n_new, *, rng, temperature=
         got = f"{prompt.dtype} array of shape {prompt.shape}" if isinstance(prompt, np.ndarray) \
             else type(prompt).__name__
         raise TypeError(f"prompt_ids must be an integer array (B, n0) or (n0,), got {got}")
-    prompt = np.atleast_2d(prompt).astype(np.int64)  # (B, n0)
-    if prompt.shape[0] < 1 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt_ids must hold at least one token per row (there is no start token), "
-                         f"got shape {prompt.shape}")
-    if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
-        raise ValueError(f"prompt_ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
-                         f"[{prompt.min()}, {prompt.max()}]")
     if isinstance(n_new, bool) or not isinstance(n_new, numbers.Integral):
         raise TypeError(f"n_new must be an integer, got {n_new!r} of type {type(n_new).__name__}")
     if n_new < 0:
         raise ValueError(f"n_new must be >= 0, got {n_new}")
+    B, n0 = (1, prompt.shape[0]) if prompt.ndim == 1 else prompt.shape
+    if B < 1 or n0 < 1:
+        raise ValueError(f"prompt_ids must hold at least one token per row (there is no start token), "
+                         f"got shape {prompt.shape}")
+    use_cache = _use_cache(cfg, cache, decode_rule)
+    slide = _check_slide(cfg, slide)
+    _checks.allocation(f"generate with {B} prompts of {n0} tokens and n_new={n_new}",
+                       memory_estimate(cfg, B, n0 + int(n_new), use_cache))
+    if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
+        raise ValueError(f"prompt_ids must lie in [0, vocab_size={cfg.vocab_size}), got values in "
+                         f"[{prompt.min()}, {prompt.max()}]")
     temperature = _check_temperature(temperature)
     top_k, top_p = _check_top_k(top_k), _check_top_p(top_p)
     if temperature > 0 and not isinstance(rng, np.random.Generator):
@@ -313,10 +380,18 @@ def generate(params, cfg, kmeans_states, prompt_ids, n_new, *, rng, temperature=
     if not isinstance(impl, str) or impl not in backend.IMPLS:
         raise ValueError(f"impl must be one of {backend.IMPLS}, got {impl!r}")
 
-    B, n0 = prompt.shape
     ids = np.empty((B, n0 + int(n_new)), dtype=np.int64)  # filled left to right
-    ids[:, :n0] = prompt
+    ids[:, :n0] = np.atleast_2d(prompt)
+    state, window_start = None, None  # the cache and where its window starts
     for n in range(n0, n0 + int(n_new)):
-        logits = next_logits(params, cfg, kmeans_states, ids[:, :n], impl=impl)  # (B, V)
-        ids[:, n] = sample_next(logits, rng, temperature, top_k, top_p)  # (B,)
+        start = context_window(n, cfg, slide)
+        if not use_cache:
+            logits = next_logits(params, cfg, kmeans_states, ids[:, :n], impl=impl, slide=slide)  # (B, V)
+        elif start != window_start:  # a new window: fill a new cache with it
+            logits, state = cache_lib.prefill(params, cfg, kmeans_states, ids[:, start:n], rule=decode_rule,
+                                              impl=impl)
+            window_start = start
+        else:  # the same window, one token longer
+            logits, state = cache_lib.step(params, cfg, kmeans_states, state, ids[:, n - 1], impl=impl)
+        ids[:, n] = sample_next(_to_numpy(logits), rng, temperature, top_k, top_p)  # (B,)
     return ids

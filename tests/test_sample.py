@@ -6,11 +6,13 @@ What is checked (docs/algorithm.md#3-the-causal-leak, docs/algorithm.md#6-what-u
 2. ``sample_next``: greedy is the argmax, draws follow the (filtered) distribution, a seed fixes them;
 3. ``generate``: bitwise reproducible under a seed, the prompt is kept as the prefix, greedy
    decoding is the argmax of the model's logits at the last position (also past seq_len, where
-   the window slides), ``top_k=1`` is greedy, prompts shorter than a block work;
-4. the context window: exact ``forward`` logits with balanced routing (no padding), padding that
-   cannot reach the real positions with a strictly causal model;
-5. sampling refuses missing centroids (the PyTorch port's failure, docs/algorithm.md#6-what-users-ran-into) and
-   bad arguments.
+   the window slides by ``slide``), ``top_k=1`` is greedy, prompts shorter than a block work;
+4. the context window: where it starts, before and past seq_len; ``next_logits`` is ``forward``
+   on it, never padded;
+5. sampling refuses missing centroids (the PyTorch port's failure, docs/algorithm.md#6-what-users-ran-into),
+   bad arguments and sizes that cannot fit in memory (before allocating).
+
+The cache itself (and ``cache=``, ``decode_rule=``) is tested in tests/test_cache.py.
 """
 import math
 
@@ -220,17 +222,19 @@ def test_greedy_is_argmax_of_forward_at_the_last_position(pos_encoding):
     assert len(set(np.argmax(logits[:, -1], axis=-1).tolist())) == 2  # the rows really differ
 
 
-def test_greedy_past_seq_len_follows_the_sliding_window():
-    cfg = tiny()  # balanced routing: the window is the last multiple of L tokens, no padding
+@pytest.mark.parametrize("membership, slide", [("balanced", None), ("nearest", None), ("balanced", 1)])
+def test_greedy_past_seq_len_follows_the_sliding_window(membership, slide):
+    cfg = tiny(membership=membership)
     params, states = setup(cfg)
     ids = prompt(n=10)
     n_new = 14  # 10 + 14 = 24 > seq_len = 16
-    out = S.generate(params, cfg, states, ids, n_new, rng=None, temperature=0, impl="ref")
+    out = S.generate(params, cfg, states, ids, n_new, rng=None, temperature=0, impl="ref", slide=slide)
     assert out.shape == (2, 24)
     np.testing.assert_array_equal(out[:, :10], ids)
+    step = 8 if slide is None else slide  # the default slide is seq_len // 2
     for n in range(10, 24):
-        ctx = min(n, cfg.seq_len) // cfg.block_size * cfg.block_size
-        logits, _ = M.forward(params, out[:, n - ctx:n], cfg, states, impl="ref")
+        start = 0 if n <= 16 else -(-(n - 16) // step) * step
+        logits, _ = M.forward(params, out[:, start:n], cfg, states, impl="ref")
         np.testing.assert_array_equal(out[:, n], np.argmax(logits[:, -1], axis=-1), err_msg=f"step n={n}")
 
 
@@ -274,40 +278,33 @@ def test_sampling_before_any_training_works():
 
 
 # ------------------------------------------------------------------------------ 4. the context window
-@pytest.mark.parametrize("n, membership, expected", [
-    (1, "balanced", (0, 3)), (3, "nearest", (0, 1)),  # shorter than a block: right-pad to L
-    (4, "balanced", (0, 0)), (7, "balanced", (3, 0)), (15, "balanced", (3, 0)), (16, "balanced", (0, 0)),
-    (23, "balanced", (7, 0)),  # past seq_len: the last 16
-    (7, "nearest", (0, 1)), (15, "nearest", (0, 1)), (16, "nearest", (0, 0)), (23, "nearest", (7, 0)),
+@pytest.mark.parametrize("n, slide, expected", [
+    (1, None, 0), (3, None, 0), (15, None, 0), (16, None, 0),  # up to seq_len: the whole sequence
+    (17, None, 8), (24, None, 8), (25, None, 16), (23, 1, 7), (17, 5, 5), (26, 5, 10), (31, 15, 15),
 ])
-def test_context_window(n, membership, expected):
-    cfg = tiny(membership=membership)
-    start, pad = S.context_window(n, cfg)
-    assert (start, pad) == expected
-    assert (n - start + pad) % cfg.block_size == 0 and n - start + pad <= cfg.seq_len
-    assert S.context_window(7, tiny(n_route_heads=0)) == (0, 1)  # no routing: strictly causal
-
-
-def test_next_logits_balanced_is_forward_on_real_tokens():
+def test_context_window(n, slide, expected):
     cfg = tiny()
+    start = S.context_window(n, cfg, slide)
+    assert start == expected
+    assert 1 <= n - start <= cfg.seq_len
+    assert start % (slide or S.default_slide(cfg)) == 0
+
+
+@pytest.mark.parametrize("slide", [0, 16, 2.0, True])
+def test_context_window_bad_slide(slide):
+    with pytest.raises((ValueError, TypeError), match="slide"):
+        S.context_window(20, tiny(), slide)
+
+
+@pytest.mark.parametrize("membership", ["balanced", "nearest"])
+def test_next_logits_is_forward_on_the_window(membership):
+    cfg = tiny(membership=membership)
     params, states = setup(cfg)
-    ids = prompt(n=11)
-    logits, _ = M.forward(params, ids[:, 3:], cfg, states, impl="ref")  # the last 8 = 2 blocks
+    ids = prompt(n=21)  # past seq_len: the window is ids[:, 8:]
+    logits, _ = M.forward(params, ids[:, 8:], cfg, states, impl="ref")
     np.testing.assert_array_equal(S.next_logits(params, cfg, states, ids, impl="ref"), logits[:, -1])
-
-
-@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
-def test_padding_cannot_reach_real_positions_with_nearest_membership(pos_encoding):
-    """Right-padding is exact for a strictly causal model (docs/algorithm.md#3-the-causal-leak): whatever fills the
-    padding, the logits at the real positions are the same to rounding."""
-    cfg = tiny(membership="nearest", pos_encoding=pos_encoding)
-    params, states = setup(cfg)
-    ids = prompt(n=6)
-    expected = S.next_logits(params, cfg, states, ids, impl="ref")  # window of 8, 2 padding bytes
-    for fill in ([0, 0], [7, 200], [255, 1]):
-        window = np.concatenate([ids, np.tile(fill, (2, 1))], axis=1)
-        logits, _ = M.forward(params, window, cfg, states, impl="ref")
-        np.testing.assert_allclose(logits[:, 5], expected, rtol=0, atol=1e-12)
+    short, _ = M.forward(params, ids[:, :3], cfg, states, impl="ref")  # shorter than a block: no padding
+    np.testing.assert_array_equal(S.next_logits(params, cfg, states, ids[:, :3], impl="ref"), short[:, -1])
 
 
 # ------------------------------------------------------------------------------ 5. errors
@@ -353,6 +350,9 @@ def test_bad_centroids_are_a_clear_error():
     ({"rng": None}, TypeError, "rng must be a numpy.random.Generator"),
     ({"impl": "gpu"}, ValueError, "impl must be one of.*'gpu'"),
     ({"cfg": {"vocab_size": 256}}, TypeError, "cfg must be an rt_numpy.model.Config"),
+    ({"slide": 0}, ValueError, "slide"),
+    ({"cache": "yes"}, ValueError, "cache must be 'auto', True or False, got 'yes'"),
+    ({"decode_rule": "fast"}, ValueError, "decode_rule"),
 ])
 def test_generate_bad_arguments(change, error, match):
     cfg = tiny()
@@ -361,3 +361,21 @@ def test_generate_bad_arguments(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         S.generate(params, args.pop("cfg"), states, args.pop("prompt_ids"), args.pop("n_new"), **args)
+
+
+@pytest.mark.parametrize("B, n_new", [(10**9, 2), (2, 10**13)])
+def test_absurd_sizes_are_refused_before_allocating(B, n_new):
+    cfg = tiny()
+    params, states = setup(cfg)
+    ids = np.broadcast_to(np.zeros((1, 3), np.int64), (B, 3))  # a view: nothing of size B exists yet
+    with pytest.raises(ValueError, match=rf"generate with {B} prompts of 3 tokens and n_new={n_new} "
+                                         rf"would need about .* GiB"):
+        S.generate(params, cfg, states, ids, n_new, rng=np.random.default_rng(0), impl="ref")
+
+
+def test_memory_estimate_grows_with_every_size():
+    cfg = tiny()
+    base = S.memory_estimate(cfg, 2, 10)
+    assert S.memory_estimate(cfg, 4, 10) > base and S.memory_estimate(cfg, 2, 12) > base
+    assert S.memory_estimate(cfg, 2, 10, use_cache=True) > base
+    assert base >= 8 * 2 * 10 + 2 * 10 * 256 * 8  # at least the tokens and one window's logits
