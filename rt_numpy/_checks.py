@@ -248,3 +248,59 @@ def allocation(what, nbytes, limit=None):
         raise ValueError(f"{what} would need about {nbytes / GiB:.3g} GiB, more than {source} "
                          f"({limit / GiB:.3g} GiB): make the sizes smaller")
     return int(nbytes)
+
+
+# --------------------------------------------------------------------------- arguments of rt_numpy.ops
+NUMERIC_KINDS = "iuf"  # integers and floats: no bools (True + True is True), strings or objects
+
+
+def operand(fn, name, x, *, number=False, min_ndim=0):
+    """An argument of the primitive ``fn``: an array of integers or floats with at least
+    ``min_ndim`` axes, or, with ``number=True``, also a real number; returned unboxed.
+
+    Costs a few attribute reads: primitives run hundreds of times a training step.
+    """
+    x = getval(x)
+    if number and isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
+        return x
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not hasattr(x, "shape"):
+        raise TypeError(f"{fn}: {name} must be an array{' or a real number' if number else ''}, "
+                        f"got {type(x).__name__}")
+    if dtype.kind not in NUMERIC_KINDS:
+        raise TypeError(f"{fn}: {name} must hold integers or floats, got dtype {dtype}")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{fn}: {name} must have at least {min_ndim} axes, got shape {tuple(x.shape)}")
+    return x
+
+
+def index_array(fn, name, idx):
+    """An integer index array (not bool: a bool array would select, not index); returned unboxed."""
+    idx = getval(idx)
+    if getattr(idx, "dtype", None) is None or not hasattr(idx, "shape"):
+        raise TypeError(f"{fn}: {name} must be an integer array, got {type(idx).__name__}")
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: {name} must be an integer array, got dtype {idx.dtype}")
+    return idx
+
+
+def axis(fn, value, ndim, name="axis"):
+    """An axis of an array with ``ndim`` axes, in ``[-ndim, ndim)``; returned non-negative."""
+    value = integer(f"{fn}: {name}", value, -ndim, ndim - 1, f" (an array of {ndim} axes)")
+    return value % ndim
+
+
+def shape_tuple(fn, name, shape):
+    """A shape: a tuple (or list) of non-negative integers; returned as a tuple of ints."""
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"{fn}: {name} must be a tuple of integers, got {shape!r}")
+    return tuple(integer(f"{fn}: {name}[{i}]", n, 0) for i, n in enumerate(shape))
+
+
+def broadcastable(fn, **shapes):
+    """The shapes (name -> tuple) broadcast together; returns the shape of the result."""
+    try:
+        return np.broadcast_shapes(*shapes.values())
+    except ValueError:
+        told = ", ".join(f"{name} of shape {tuple(s)}" for name, s in shapes.items())
+        raise ValueError(f"{fn}: {told} do not broadcast together") from None

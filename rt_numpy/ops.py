@@ -24,6 +24,11 @@ Arguments that autograd should differentiate must be passed *positionally*
 (autograd only looks for boxed values among positional arguments); constants
 such as ``axis``, ``mask``, ``eps`` may be keywords.
 
+Each public function checks its arguments first (:mod:`rt_numpy._checks`,
+a few attribute reads), so that a wrong shape, dtype or size raises a
+TypeError or ValueError naming the function, the parameter and the value,
+not a NumPy broadcasting message from deep inside.
+
 A few functions are compositions of primitives rather than primitives
 (``mean``, ``layer_norm``, ``l2_normalize``, ``concatenate``); their gradients
 come from the primitives they call.  ``stop_gradient`` cuts the graph.
@@ -38,7 +43,7 @@ import math
 from autograd.extend import defvjp, defvjp_argnum, primitive
 from autograd.tracer import getval, isbox
 
-from . import backend
+from . import _checks, backend
 from .backend import get_array_module, kernel_impl
 
 __all__ = [
@@ -57,6 +62,11 @@ __all__ = [
 def _shape(a):
     """Shape of an array, a boxed array or a Python scalar (``()``)."""
     return getattr(a, "shape", ())
+
+
+def _size(a):
+    """Number of entries of an array or a scalar (1)."""
+    return math.prod(_shape(a))
 
 
 def _const(c, like):
@@ -100,7 +110,19 @@ def sum(x, axis=None, keepdims=False):  # noqa: A001 (the name every tutorial us
     The derivative of a sum copies the gradient back to every summed entry,
     i.e. broadcasts it: the VJP is :func:`broadcast_to`.
     """
+    _checks.operand("sum", "x", x)
+    _axes("sum", axis, x.ndim)
     return get_array_module(x).sum(x, axis=axis, keepdims=keepdims)
+
+
+def _axes(fn, axis, ndim):
+    """``axis`` of a reduction: None (every axis), an int or a tuple of ints; returned as a tuple."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = tuple(_checks.axis(fn, a, ndim) for a in (axis if isinstance(axis, tuple) else (axis,)))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{fn}: axis must not repeat an axis, got {axis}")
+    return axes
 
 
 def _sum_vjp(ans, x, axis=None, keepdims=False):
@@ -126,6 +148,10 @@ def broadcast_to(x, shape):
     what :func:`sum`'s VJP hands back: a caller (an optimiser) may update a
     gradient in place.
     """
+    _checks.operand("broadcast_to", "x", x)
+    shape = _checks.shape_tuple("broadcast_to", "shape", shape)
+    if _checks.broadcastable("broadcast_to", x=x.shape, shape=shape) != shape:
+        raise ValueError(f"broadcast_to: x of shape {x.shape} does not broadcast to shape {shape}")
     xp = get_array_module(x)
     return xp.array(xp.broadcast_to(x, shape))
 
@@ -151,9 +177,11 @@ def unbroadcast(g, shape):
     -------
     array, shape ``shape``
     """
-    shape = tuple(shape)
+    shape = _checks.shape_tuple("unbroadcast", "shape", shape)
     if _shape(g) == shape:
         return g
+    if _checks.broadcastable("unbroadcast", g=_shape(g), shape=shape) != _shape(g):
+        raise ValueError(f"unbroadcast: shape {shape} does not broadcast to the shape of g, {_shape(g)}")
     lead = g.ndim - len(shape)  # axes that broadcasting prepended
     stretched = tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
     return reshape(sum(g, axis=tuple(range(lead)) + stretched), shape)  # (*S) -> shape
@@ -164,9 +192,10 @@ def mean(x, axis=None, keepdims=False):
 
     A composition of :func:`sum` and :func:`scale`; no VJP of its own.
     """
-    shape = _shape(x)
-    axes = range(len(shape)) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-    count = math.prod(shape[a] for a in axes)
+    x_value = _checks.operand("mean", "x", x)
+    count = math.prod(x_value.shape[a] for a in _axes("mean", axis, x_value.ndim))
+    if count == 0:
+        raise ValueError(f"mean: no entries to average over axis={axis} of x of shape {x_value.shape}")
     return scale(sum(x, axis, keepdims), 1.0 / count)
 
 
@@ -174,9 +203,17 @@ def mean(x, axis=None, keepdims=False):
 # Broadcasting arithmetic
 # --------------------------------------------------------------------------
 
+def _binary(fn, a, b):
+    """Arguments of a broadcasting arithmetic primitive: arrays or numbers whose shapes broadcast."""
+    _checks.operand(fn, "a", a, number=True)
+    _checks.operand(fn, "b", b, number=True)
+    _checks.broadcastable(fn, a=_shape(a), b=_shape(b))
+
+
 @primitive
 def add(a, b):
     """``a + b`` with broadcasting.  d/da = d/db = 1, summed back to each shape."""
+    _binary("add", a, b)
     return a + b
 
 
@@ -188,6 +225,7 @@ defvjp(add,
 @primitive
 def subtract(a, b):
     """``a - b`` with broadcasting.  d/da = 1, d/db = -1."""
+    _binary("subtract", a, b)
     return a - b
 
 
@@ -199,6 +237,7 @@ defvjp(subtract,
 @primitive
 def multiply(a, b):
     """``a * b`` with broadcasting.  d/da = b, d/db = a."""
+    _binary("multiply", a, b)
     return a * b
 
 
@@ -210,6 +249,7 @@ defvjp(multiply,
 @primitive
 def divide(a, b):
     """``a / b`` with broadcasting.  d/da = 1/b, d/db = -a/b² = -(a/b)/b."""
+    _binary("divide", a, b)
     return a / b
 
 
@@ -226,6 +266,9 @@ def scale(x, c):
     ``c`` gets no gradient and is cast to ``x``'s dtype, so float32 stays
     float32 even for ``c = 1 / np.sqrt(D)`` (a NumPy float64).
     """
+    _checks.operand("scale", "x", x, number=True)
+    if isinstance(c, bool) or not isinstance(c, (int, float)) and getattr(c, "shape", None) != ():
+        raise TypeError(f"scale: c must be a constant number, got {type(c).__name__}")
     return x * _const(c, x)
 
 
@@ -239,6 +282,7 @@ defvjp(scale, lambda ans, x, c: lambda g: scale(g, c))
 @primitive
 def exp(x):
     """``e**x``.  d/dx = e**x, the output itself."""
+    _checks.operand("exp", "x", x, number=True)
     return get_array_module(x).exp(x)
 
 
@@ -248,6 +292,7 @@ defvjp(exp, lambda ans, x: lambda g: multiply(g, ans))
 @primitive
 def log(x):
     """Natural logarithm.  d/dx = 1/x."""
+    _checks.operand("log", "x", x, number=True)
     return get_array_module(x).log(x)
 
 
@@ -257,6 +302,7 @@ defvjp(log, lambda ans, x: lambda g: divide(g, x))
 @primitive
 def sqrt(x):
     """Square root.  d/dx = 1 / (2 sqrt(x)), from the output."""
+    _checks.operand("sqrt", "x", x, number=True)
     return get_array_module(x).sqrt(x)
 
 
@@ -266,6 +312,7 @@ defvjp(sqrt, lambda ans, x: lambda g: divide(g, scale(ans, 2.0)))
 @primitive
 def square(x):
     """``x**2``.  d/dx = 2x."""
+    _checks.operand("square", "x", x, number=True)
     return x * x
 
 
@@ -275,6 +322,7 @@ defvjp(square, lambda ans, x: lambda g: multiply(g, scale(x, 2.0)))
 @primitive
 def tanh(x):
     """Hyperbolic tangent.  d/dx = 1 - tanh(x)², from the output."""
+    _checks.operand("tanh", "x", x, number=True)
     return get_array_module(x).tanh(x)
 
 
@@ -298,6 +346,7 @@ def gelu(x):
     NumPy arrays with Numba, one fused pass
     (:mod:`rt_numpy.kernels.numba_elementwise`) replaces the formula below.
     """
+    _checks.operand("gelu", "x", x, number=True)
     if kernel_impl(x) != "numba":
         xp = get_array_module(x)
         return 0.5 * x * (1.0 + xp.tanh(_GELU_C * (x + _GELU_A * x * x * x)))
@@ -320,6 +369,7 @@ def gelu_derivative(x):
     ``u' = c (1 + 3 a x²)`` and ``u'' = 6 a c x``, written with primitives so
     that every higher derivative works too.
     """
+    _checks.operand("gelu_derivative", "x", x, number=True)
     if kernel_impl(x) != "numba":
         xp = get_array_module(x)
         x2 = x * x
@@ -374,8 +424,12 @@ def matmul(a, b):
     For ``y = a b``: ``da = g bᵀ`` and ``db = aᵀ g``, then summed over the
     leading axes that were broadcast.
     """
-    if a.ndim < 2 or b.ndim < 2:
-        raise ValueError(f"matmul needs arrays of at least 2 dims, got shapes {a.shape} and {b.shape}")
+    _checks.operand("matmul", "a", a, min_ndim=2)
+    _checks.operand("matmul", "b", b, min_ndim=2)
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: a of shape {a.shape} and b of shape {b.shape} do not chain: "
+                         f"a.shape[-1]={a.shape[-1]} != b.shape[-2]={b.shape[-2]}")
+    _checks.broadcastable("matmul", a=a.shape[:-2], b=b.shape[:-2])  # the batch axes
     return get_array_module(a, b).matmul(a, b)
 
 
@@ -402,6 +456,14 @@ defvjp(matmul, _matmul_vjp_a, _matmul_vjp_b)
 @primitive
 def reshape(x, shape):
     """``xp.reshape(x, shape)``.  The VJP reshapes the gradient back."""
+    _checks.operand("reshape", "x", x, number=True)
+    sizes = (shape,) if isinstance(shape, int) else shape
+    if (not isinstance(sizes, (tuple, list)) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= -1
+                                                        for n in sizes) or list(sizes).count(-1) > 1):
+        raise TypeError(f"reshape: shape must be an int or a tuple of ints >= 0 (one may be -1), got {shape!r}")
+    known = math.prod(n for n in sizes if n != -1)
+    if (known != _size(x)) if -1 not in sizes else (known == 0 or _size(x) % known):
+        raise ValueError(f"reshape: x of shape {_shape(x)} ({_size(x)} entries) cannot take shape {tuple(sizes)}")
     return get_array_module(x).reshape(x, shape)
 
 
@@ -411,6 +473,10 @@ defvjp(reshape, lambda ans, x, shape: lambda g: reshape(g, _shape(x)))
 @primitive
 def transpose(x, axes=None):
     """Permute axes (None reverses them).  The VJP applies the inverse permutation."""
+    _checks.operand("transpose", "x", x)
+    if axes is not None and (not isinstance(axes, (tuple, list)) or len(axes) != x.ndim or sorted(
+            _checks.axis("transpose", a, x.ndim, "axes") for a in axes) != list(range(x.ndim))):
+        raise ValueError(f"transpose: axes must be a permutation of the {x.ndim} axes of x, got {axes!r}")
     return get_array_module(x).transpose(x, axes)
 
 
@@ -441,8 +507,12 @@ def split_heads(x, H):
     array, shape (B, H, T, D) with D = C // H
         Head ``h`` holds channels ``h*D : (h+1)*D``.
     """
+    _checks.operand("split_heads", "x", x)
+    if x.ndim != 3:
+        raise ValueError(f"split_heads: x must have shape (B, T, C), got {x.shape}")
     B, T, C = x.shape
-    if H <= 0 or C % H:
+    H = _checks.integer("split_heads: H", H, 1)
+    if C % H:
         raise ValueError(f"split_heads: H must be a positive divisor of C={C}, got H={H}")
     xp = get_array_module(x)
     return xp.transpose(xp.reshape(x, (B, T, H, C // H)), (0, 2, 1, 3))  # (B, T, H, D) -> (B, H, T, D)
@@ -451,6 +521,9 @@ def split_heads(x, H):
 @primitive
 def merge_heads(x):
     """Inverse of :func:`split_heads`: (B, H, T, D) -> (B, T, C) with C = H·D."""
+    _checks.operand("merge_heads", "x", x)
+    if x.ndim != 4:
+        raise ValueError(f"merge_heads: x must have shape (B, H, T, D), got {x.shape}")
     B, H, T, D = x.shape
     xp = get_array_module(x)
     return xp.reshape(xp.transpose(x, (0, 2, 1, 3)), (B, T, H * D))  # (B, T, H, D) -> (B, T, C)
@@ -467,6 +540,11 @@ def slice_axis(x, start, stop, axis=-1):
 
     The VJP puts the gradient back in place and zeros elsewhere: :func:`pad_axis`.
     """
+    _checks.operand("slice_axis", "x", x, min_ndim=1)
+    axis = _checks.axis("slice_axis", axis, x.ndim)
+    n = x.shape[axis]
+    start = _checks.integer("slice_axis: start", start, 0, n, f" (x.shape[{axis}]={n})")
+    stop = _checks.integer("slice_axis: stop", stop, start, n, f" (start={start}, x.shape[{axis}]={n})")
     index = [slice(None)] * x.ndim
     index[axis] = slice(start, stop)
     return x[tuple(index)]
@@ -482,6 +560,9 @@ def pad_axis(x, before, after, axis=-1):
 
     The VJP keeps the gradient of the original entries: :func:`slice_axis`.
     """
+    _checks.operand("pad_axis", "x", x, min_ndim=1)
+    axis = _checks.axis("pad_axis", axis, x.ndim)
+    before, after = _checks.integer("pad_axis: before", before, 0), _checks.integer("pad_axis: after", after, 0)
     xp = get_array_module(x)
     widths = [(0, 0)] * x.ndim
     widths[axis] = (before, after)
@@ -511,6 +592,15 @@ defvjp_argnum(_concatenate, _concatenate_vjp)
 
 def concatenate(xs, axis=-1):
     """Join a sequence of arrays along ``axis``; each input's gradient is its slice of ``g``."""
+    if not isinstance(xs, (list, tuple)) or not xs:
+        raise TypeError(f"concatenate: xs must be a non-empty list or tuple of arrays, got {xs!r}")
+    first = _checks.operand("concatenate", "xs[0]", xs[0], min_ndim=1)
+    axis = _checks.axis("concatenate", axis, first.ndim)
+    for i, x in enumerate(xs):
+        x = _checks.operand("concatenate", f"xs[{i}]", x)
+        if x.ndim != first.ndim or any(m != n for a, (m, n) in enumerate(zip(x.shape, first.shape)) if a != axis):
+            raise ValueError(f"concatenate: xs[{i}] of shape {x.shape} does not fit xs[0] of shape {first.shape} "
+                             f"along axis={axis}")
     return _concatenate(axis, *xs)
 
 
@@ -519,7 +609,7 @@ def concatenate(xs, axis=-1):
 # --------------------------------------------------------------------------
 
 def _check_mask(mask, shape, name="mask"):
-    if getattr(mask, "dtype", None) is None or mask.dtype.kind != "b":
+    if getattr(mask, "dtype", None) is None or not hasattr(mask, "shape") or mask.dtype.kind != "b":
         raise TypeError(f"{name} must be a boolean array (True = visible), got {type(mask).__name__} "
                         f"with dtype {getattr(mask, 'dtype', None)}")
     # Broadcastable to `shape` without growing it (right-aligned, each dim equal or 1).
@@ -552,6 +642,10 @@ def softmax(logits, mask=None, axis=-1):
     The row maximum over visible entries is subtracted before ``exp`` so that
     nothing overflows.  With ``p = softmax(z)``: ``dz = p (g - Σ g p)``.
     """
+    _checks.operand("softmax", "logits", logits, min_ndim=1)
+    axis = _checks.axis("softmax", axis, logits.ndim)
+    if logits.shape[axis] == 0:
+        raise ValueError(f"softmax: logits of shape {logits.shape} have nothing to normalise along axis={axis}")
     xp = get_array_module(logits)
     if mask is None:
         z = logits - xp.max(logits, axis=axis, keepdims=True)
@@ -594,7 +688,9 @@ def masked_fill(x, mask, value):
         Filled entries no longer depend on ``x``: their gradient is 0, so the VJP
         is the same fill with 0.
     """
+    _checks.operand("masked_fill", "x", x)
     _check_mask(mask, x.shape)
+    _checks.real("masked_fill: value", value, allow_inf=True)
     xp = get_array_module(x)
     return xp.where(mask, xp.asarray(value, dtype=x.dtype), x)
 
@@ -631,8 +727,12 @@ def cross_entropy(logits, targets):
     log-softmax is computed as ``z - log Σ exp z`` with ``z = logits - max``,
     which never overflows.  The VJP is the classic ``(softmax - onehot) / N``.
     """
+    _checks.operand("cross_entropy", "logits", logits, min_ndim=1)
+    _checks.index_array("cross_entropy", "targets", targets)
     xp = get_array_module(logits)
     V = logits.shape[-1]
+    if V == 0 or targets.size == 0:
+        raise ValueError(f"cross_entropy: needs at least one target and one class, got logits of shape {logits.shape}")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets shape must be logits.shape[:-1]={logits.shape[:-1]}, got {targets.shape}")
     _check_index(targets, V, "targets")
@@ -682,6 +782,10 @@ def layer_norm_free(x, eps=1e-5):
     the value, and the gradient when it is not itself being differentiated,
     one row at a time.
     """
+    _checks.operand("layer_norm_free", "x", x, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"layer_norm_free: x of shape {x.shape} has no entries to normalise in its last axis")
+    _checks.real("layer_norm_free: eps", eps, 0.0, low_open=True)
     if kernel_impl(x) != "numba":
         xp = get_array_module(x)
         xc = x - xp.mean(x, axis=-1, keepdims=True)  # a new array, divided in place below
@@ -725,6 +829,11 @@ def layer_norm(x, gamma=None, beta=None, eps=1e-5):
     -------
     array, shape (..., C)
     """
+    C = _shape(_checks.operand("layer_norm", "x", x, min_ndim=1))[-1]
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p is not None and _shape(_checks.operand("layer_norm", name, p)) != (C,):
+            raise ValueError(f"layer_norm: {name} must have shape (C,) = ({C},) for x of shape {_shape(x)}, "
+                             f"got {_shape(p)}")
     y = layer_norm_free(x, eps)
     if gamma is not None:
         y = multiply(y, gamma)  # (..., C) * (C,)
@@ -767,8 +876,8 @@ def l2_normalize(x, eps=1e-12):
     docs/algorithm.md#11-normalise, ``norm="l2"``.  Composed of :func:`divide` and a
     clamped-norm primitive; above ``eps`` the gradient is ``(g - y (g·y)) / ||x||``.
     """
-    if not eps > 0:
-        raise ValueError(f"l2_normalize: eps must be > 0, got {eps}")
+    _checks.operand("l2_normalize", "x", x, min_ndim=1)
+    _checks.real("l2_normalize: eps", eps, 0.0, low_open=True)
     return divide(x, _clamped_norm(x, eps))  # (..., D) / (..., 1)
 
 
@@ -808,6 +917,8 @@ def gather_rows(x, idx):
     The VJP adds each output row's gradient into the row it came from:
     :func:`scatter_add_rows`.
     """
+    _checks.operand("gather_rows", "x", x, min_ndim=2)
+    _checks.index_array("gather_rows", "idx", idx)
     *lead, T, D = x.shape
     xp = get_array_module(x)
     rows = _flat_rows(idx, T, lead, "gather_rows")
@@ -838,6 +949,11 @@ def scatter_add_rows(y, idx, n):
     (:func:`rt_numpy.kernels.cupy_ops.scatter_add_rows`) replaces ``add.at``,
     whose atomics would add repeated rows in a varying order.
     """
+    _checks.operand("scatter_add_rows", "y", y, min_ndim=2)
+    _checks.index_array("scatter_add_rows", "idx", idx)
+    n = _checks.integer("scatter_add_rows: n", n, 0)
+    if tuple(idx.shape) != tuple(y.shape[:-1]):
+        raise ValueError(f"scatter_add_rows: idx must have shape y.shape[:-1]={tuple(y.shape[:-1])}, got {idx.shape}")
     *lead, M, D = y.shape
     xp = get_array_module(y)
     rows = _flat_rows(idx, n, lead, "scatter_add_rows")
