@@ -7,11 +7,13 @@ cosine decay, then the k-means update of every routing layer from the statistics
 of that same forward pass (docs/algorithm.md#16-centroid-update: centroids as they were
 at the start of the step, updated after it).
 
-Checkpoints are two files written atomically (a temporary file, then a rename):
-``NAME.npz`` with every array (loaded with ``allow_pickle=False``) and
-``NAME.json`` with the model and training configs, the step, the random
-generator's state and the sha256 of the ``.npz``.  Resuming gives bitwise the
-same parameters as a run that was never interrupted.
+A checkpoint is one file, ``NAME.npz``, committed by one rename
+(:func:`save_checkpoint`): every array, and the model and training configs, the
+step and the random generator's state as JSON inside it (loaded with
+``allow_pickle=False``).  ``NAME.json`` beside it is a copy of that JSON for
+people to read.  :func:`load_checkpoint` checks every array against the config.
+Resuming gives bitwise the same parameters as a run that was never interrupted,
+also after Ctrl-C (:class:`Interrupted`).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from autograd.tracer import getval
 
 from rt_numpy import _checks, backend, data, model, ops, optim
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the metadata inside the .npz; 1 (still read): in the .json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +106,12 @@ def evaluate(params, kmeans_states, cfg, split, *, batch_size, max_batches=None,
     """Mean cross-entropy (nats per byte) and bits per byte on a held-out split.
 
     Non-overlapping windows of ``cfg.seq_len`` bytes from the start of the split,
-    in order (:func:`rt_numpy.data.eval_batches`), at most ``max_batches``.
+    in order (:func:`rt_numpy.data.eval_batches`), at most ``max_batches``
+    (None: all of them).
     """
+    _checks.integer("batch_size", batch_size, 1)
+    if max_batches is not None:
+        _checks.integer("max_batches", max_batches, 1)
     total, count = 0.0, 0
     xp = backend.get_array_module(params["wte"])
     for i, (x, y) in enumerate(data.eval_batches(split, batch_size, cfg.seq_len)):
@@ -160,6 +166,9 @@ def evaluate_documents(params, kmeans_states, cfg, docs, *, batch_size, impl="au
 
 
 # --------------------------------------------------------------------------- checkpoints
+META_NAME = "meta.json"  # the .npz member that holds the metadata (format version 2)
+
+
 def _flatten(params, opt_state, kmeans_states):
     """Every array by its checkpoint name, as a host (NumPy) array: GPU arrays are copied back."""
     params, opt_state, kmeans_states = backend.to_numpy((params, opt_state, kmeans_states))
@@ -171,97 +180,296 @@ def _flatten(params, opt_state, kmeans_states):
     return arrays
 
 
+def _fsync_directory(directory):
+    """Flush a directory's entries (a rename done in it) to disk.  Only POSIX can open a directory for this."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path, payload: bytes):
+    """Replace ``path`` by ``payload`` with one rename: the old file or the new one, never a mix.
+
+    The bytes go to a temporary file in the same directory, are flushed to disk,
+    then renamed over ``path``; the directory is flushed after the rename.  On any
+    failure the temporary file is removed and the error raised.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint(path, *, params, opt_state, kmeans_states, step, rng, cfg, tcfg, history=None):
-    """Write ``path.npz`` and ``path.json`` atomically (``path`` without extension).
+    """Write the checkpoint ``path.npz`` and a readable copy of its metadata, ``path.json``.
 
-    Nothing is overwritten until both files are complete: each is written to a
-    temporary name and renamed.  The JSON records the sha256 of the ``.npz``.
+    Parameters
+    ----------
+    path : str or path-like
+        Without extension; its directory is created if needed.
+    params, opt_state, kmeans_states
+        The model state (NumPy or CuPy arrays; the file always holds NumPy arrays).
+    step : int
+        Completed training steps.
+    rng : numpy.random.Generator
+        The generator of the run, saved so that a resumed run draws what the uninterrupted one would.
+    cfg, tcfg : rt_numpy.model.Config, TrainConfig
+    history : list of dict, optional
+
+    Notes
+    -----
+    The ``.npz`` alone is the checkpoint: every array, and the metadata (format
+    version, both configs, the step, the generator's state, the history) as JSON
+    text in a uint8 array named ``meta.json``.  It is written to a temporary file
+    and renamed over the old one, and that one rename is the commit: a crash or a
+    full disk at any moment leaves the old checkpoint or the new one, and no
+    temporary file.  The ``.json`` is written afterwards, the same way, for people
+    to read (with the sha256 of the ``.npz``); :func:`load_checkpoint` does not
+    need it, so a stale or missing ``.json`` loses nothing.
     """
-    buffer = io.BytesIO()
-    np.savez(buffer, **_flatten(params, opt_state, kmeans_states))
-    payload = buffer.getvalue()
     meta = {"version": CHECKPOINT_VERSION, "model": cfg.to_dict(), "train": tcfg.to_dict(), "step": int(step),
-            "opt_step": int(opt_state["step"]), "rng": rng.bit_generator.state,
-            "npz_sha256": hashlib.sha256(payload).hexdigest(), "history": history or []}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    _atomic_write(f"{path}.npz", payload)
-    _atomic_write(f"{path}.json", json.dumps(meta, indent=1).encode())
+            "opt_step": int(opt_state["step"]), "rng": rng.bit_generator.state, "history": history or []}
+    text = json.dumps(meta, indent=1).encode()
+    arrays = _flatten(params, opt_state, kmeans_states)
+    arrays[META_NAME] = np.frombuffer(text, dtype=np.uint8)  # (n_bytes,)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    payload = buffer.getvalue()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _atomic_write(f"{path}.npz", payload)  # the commit
+    readable = dict(meta, npz_sha256=hashlib.sha256(payload).hexdigest())
+    _atomic_write(f"{path}.json", json.dumps(readable, indent=1).encode())
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated, corrupt or does not fit the expected model."""
 
 
-def load_checkpoint(path, *, expect_model=None):
-    """Read a checkpoint written by :func:`save_checkpoint`.
+def _read_npz(path):
+    """The arrays of ``path.npz`` by name, and its raw bytes."""
+    try:
+        with open(f"{path}.npz", "rb") as f:
+            payload = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path!r}: missing file {path}.npz") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path!r}: cannot read {path}.npz ({e})") from None
+    try:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: {path}.npz is truncated or corrupt "
+                              f"({type(e).__name__}: {e})") from None
+    return arrays, payload
 
-    Returns a dict with ``params``, ``opt_state``, ``kmeans_states``, ``step``,
-    ``rng`` (a restored ``numpy.random.Generator``), ``cfg``, ``tcfg`` and
-    ``history``.  Raises :class:`CheckpointError` naming the file and the problem
-    for a missing, truncated, corrupt or mismatched checkpoint.
+
+def _parse_meta(path, where, raw: bytes):
+    """The metadata dict from the JSON bytes ``raw`` read from ``where``."""
+    try:
+        meta = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: {where} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path!r}: {where} is not a JSON object")
+    return meta
+
+
+def _version_1_meta(path, payload):
+    """The metadata of a format-1 checkpoint: in ``path.json``, which holds the sha256 of the ``.npz``."""
+    try:
+        with open(f"{path}.json", "rb") as f:
+            meta = _parse_meta(path, f"{path}.json", f.read())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path!r}: {path}.npz has no {META_NAME} (format 1) and "
+                              f"its metadata file {path}.json is missing") from None
+    if meta.get("version") != 1:
+        raise CheckpointError(f"checkpoint {path!r}: {path}.npz has no {META_NAME}, so {path}.json must be "
+                              f"format version 1, got version {meta.get('version')!r}")
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != meta.get("npz_sha256"):
+        raise CheckpointError(f"checkpoint {path!r}: {path}.npz has sha256 {digest[:12]}..., the JSON expects "
+                              f"{str(meta.get('npz_sha256'))[:12]}... (truncated, corrupt or from another save)")
+    return meta
+
+
+def _expected_arrays(cfg):
+    """Every array name of a checkpoint of model ``cfg`` and its shape."""
+    shapes = {}
+    for prefix in ("params/", "opt/m/", "opt/v/"):  # AdamW's moments have the shapes of the parameters
+        shapes.update({prefix + name: tuple(shape) for name, shape in model.param_shapes(cfg).items()})
+    for layer, state in model.init_kmeans(cfg, np.random.default_rng(0)).items():  # only the structure is used
+        shapes.update({f"kmeans/{layer}/{name}": value.shape for name, value in state.items()})
+    return shapes
+
+
+def _check_arrays(path, arrays, cfg):
+    """Every array must be one ``cfg`` expects: name, shape, dtype, finite; AdamW's v and k-means counts >= 0."""
+    expected = _expected_arrays(cfg)
+    missing, unknown = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(f"checkpoint {path!r}: its arrays do not match its config: missing {missing}, "
+                              f"unknown {unknown}")
+    for name, shape in expected.items():
+        value = arrays[name]
+        if value.shape != shape:
+            sizes = (f" (n_route_heads={cfg.n_route_heads}, num_clusters={cfg.num_clusters}, "
+                     f"head_dim={cfg.head_dim})" if name.startswith("kmeans/") else "")
+            raise CheckpointError(f"checkpoint {path!r}: {name} has shape {value.shape}, its config{sizes} "
+                                  f"expects {shape}")
+        if value.dtype != np.dtype(cfg.dtype):
+            raise CheckpointError(f"checkpoint {path!r}: {name} has dtype {value.dtype}, its config has "
+                                  f"dtype={cfg.dtype!r}")
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"checkpoint {path!r}: {name} contains NaN or infinity")
+        if (name.startswith("opt/v/") or name.endswith("/counts")) and (value < 0).any():
+            raise CheckpointError(f"checkpoint {path!r}: {name} must not be negative, got minimum {value.min()}")
+
+
+def _restore(path, meta, arrays, expect_model):
+    """The state of :func:`load_checkpoint` from checked metadata and arrays."""
+    missing = [k for k in ("model", "train", "step", "opt_step", "rng") if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r}: its metadata has no field {missing[0]!r}")
+    for field, build in (("model", model.Config.from_dict), ("train", lambda d: TrainConfig(**d))):
+        if not isinstance(meta[field], dict):
+            raise CheckpointError(f"checkpoint {path!r}: field {field!r} must be a JSON object, "
+                                  f"got {type(meta[field]).__name__}")
+        try:
+            meta[field] = build(meta[field])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path!r}: field {field!r}: {e}") from None
+    cfg, tcfg = meta["model"], meta["train"]
+    if expect_model is not None and expect_model != cfg:
+        diff = {k: (v, getattr(cfg, k)) for k, v in expect_model.to_dict().items() if getattr(cfg, k) != v}
+        raise CheckpointError(f"checkpoint {path!r} holds another model: (expected, found) {diff}")
+    for field in ("step", "opt_step"):
+        try:
+            _checks.integer(field, meta[field], 0, tcfg.steps, what=f" (its train.steps={tcfg.steps})")
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path!r}: field {e}") from None
+    history = meta.get("history", [])
+    if not isinstance(history, list):
+        raise CheckpointError(f"checkpoint {path!r}: field 'history' must be a list, got {type(history).__name__}")
+    _check_arrays(path, arrays, cfg)
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = meta["rng"]
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: field 'rng' is not a random generator state ({e})") from None
+
+    def group(prefix):
+        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    opt_state = {"step": meta["opt_step"], "m": group("opt/m/"), "v": group("opt/v/")}
+    kmeans_states = {}
+    for key, value in group("kmeans/").items():
+        layer, name = key.split("/")
+        kmeans_states.setdefault(layer, {})[name] = value
+    return {"params": group("params/"), "opt_state": opt_state, "kmeans_states": kmeans_states,
+            "step": meta["step"], "rng": rng, "cfg": cfg, "tcfg": tcfg, "history": history}
+
+
+def load_checkpoint(path, *, expect_model=None):
+    """Read and check a checkpoint written by :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        With or without the ``.npz`` / ``.json`` extension.
+    expect_model : rt_numpy.model.Config, optional
+        The checkpoint must hold this model.
+
+    Returns
+    -------
+    dict
+        ``params``, ``opt_state``, ``kmeans_states``, ``step``, ``rng`` (a restored
+        ``numpy.random.Generator``), ``cfg``, ``tcfg`` and ``history``.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file and the field, for a missing, truncated or corrupt file
+        and for any array or field that does not fit the checkpoint's own config:
+        an array missing, unknown, of another shape or dtype, NaN or infinite,
+        a negative AdamW ``v`` or k-means count, a step outside ``[0, train.steps]``.
+
+    Notes
+    -----
+    Only the ``.npz`` is read (format version 2, :func:`save_checkpoint`).  A
+    format-1 checkpoint (metadata in the ``.json``, which records the sha256 of
+    the ``.npz``) is read from both files.
     """
     path = str(path)
     for suffix in (".npz", ".json"):
         if path.endswith(suffix):
             path = path[: -len(suffix)]
-    try:
-        with open(f"{path}.json", "rb") as f:
-            meta = json.loads(f.read().decode())
-        with open(f"{path}.npz", "rb") as f:
-            payload = f.read()
-    except FileNotFoundError as e:
-        raise CheckpointError(f"checkpoint {path!r}: missing file {e.filename}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path!r}: {path}.json is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {path!r}: unknown format version {meta.get('version')!r}"
-                              if isinstance(meta, dict) else f"checkpoint {path!r}: JSON is not an object")
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != meta.get("npz_sha256"):
-        raise CheckpointError(f"checkpoint {path!r}: {path}.npz has sha256 {digest[:12]}..., the JSON expects "
-                              f"{str(meta.get('npz_sha256'))[:12]}... (truncated, corrupt or from another save)")
-    try:
-        cfg = model.Config.from_dict(meta["model"])
-        tcfg = TrainConfig(**meta["train"])
-        with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (KeyError, TypeError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"checkpoint {path!r}: cannot be read ({type(e).__name__}: {e})") from None
-    if expect_model is not None and expect_model != cfg:
-        diff = {k: (v, getattr(cfg, k)) for k, v in expect_model.to_dict().items() if getattr(cfg, k) != v}
-        raise CheckpointError(f"checkpoint {path!r} holds another model: (expected, found) {diff}")
-    params = {k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")}
-    expected = model.param_shapes(cfg)
-    if set(params) != set(expected) or any(params[k].shape != s for k, s in expected.items()):
-        raise CheckpointError(f"checkpoint {path!r}: parameters do not match its config")
-    opt_state = {"step": int(meta["opt_step"]),
-                 "m": {k[len("opt/m/"):]: v for k, v in arrays.items() if k.startswith("opt/m/")},
-                 "v": {k[len("opt/v/"):]: v for k, v in arrays.items() if k.startswith("opt/v/")}}
-    kmeans_states = {}
-    for key, value in arrays.items():
-        if key.startswith("kmeans/"):
-            _, layer, name = key.split("/")
-            kmeans_states.setdefault(layer, {})[name] = value
-    rng = np.random.default_rng()
-    try:
-        rng.bit_generator.state = meta["rng"]
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path!r}: bad random generator state ({e})") from None
-    return {"params": params, "opt_state": opt_state, "kmeans_states": kmeans_states, "step": int(meta["step"]),
-            "rng": rng, "cfg": cfg, "tcfg": tcfg, "history": meta.get("history", [])}
+    arrays, payload = _read_npz(path)
+    if META_NAME in arrays:
+        raw = arrays.pop(META_NAME)
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise CheckpointError(f"checkpoint {path!r}: {META_NAME} must be a uint8 array (n_bytes,), got "
+                                  f"dtype {raw.dtype} shape {raw.shape}")
+        meta = _parse_meta(path, f"{path}.npz[{META_NAME}]", raw.tobytes())
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint {path!r}: unknown format version {meta.get('version')!r} "
+                                  f"(this rt_numpy reads {CHECKPOINT_VERSION} and 1)")
+    else:
+        meta = _version_1_meta(path, payload)
+    return _restore(path, meta, arrays, expect_model)
+
+
+def check_out_dir(out_dir):
+    """``out_dir`` must be a directory that exists and is writable, or one that can be created.
+
+    Called before any training, so that a bad ``--out`` fails at once rather
+    than at the first checkpoint.  None (write nothing) passes.
+    """
+    if out_dir is None:
+        return
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path or None, got {out_dir!r} of type {type(out_dir).__name__}")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):  # the nearest folder that exists is where the new ones are created
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        why = "is a file" if existing == os.path.abspath(out_dir) else f"cannot be created: {existing} is a file"
+        raise ValueError(f"out_dir {str(out_dir)!r} {why}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out_dir {str(out_dir)!r} is not writable ({existing} does not allow writing)")
 
 
 # --------------------------------------------------------------------------- the loop
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`, after the state of the last completed step was saved.
+
+    Attributes
+    ----------
+    step : int
+        The last completed step.
+    checkpoint : str or None
+        The checkpoint of that step (without extension), None when ``out_dir`` was None.
+    """
+
+    def __init__(self, step, checkpoint):
+        where = f"; checkpoint {checkpoint}" if checkpoint else ""
+        super().__init__(f"training interrupted after step {step}{where}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+SLOW_FIRST_STEP_S = 5.0  # a first step slower than this is reported (it compiled the kernels)
+
+
 def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, impl="auto", corpus=None,
           log=print, device="cpu"):
     """Train from scratch (or resume) and return the final state and history.
@@ -272,17 +480,23 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
     tcfg : TrainConfig
     out_dir : str, optional
         Where ``checkpoint.npz/.json`` (written at every evaluation and at the
-        end) and ``loss.png`` go; None writes nothing.
+        end) and ``loss.png`` go; None writes nothing.  Checked before anything
+        else (:func:`check_out_dir`).
     resume : str, optional
         A checkpoint to continue from; its configs must equal ``cfg`` and ``tcfg``.
+        A finished run (its step is ``tcfg.steps``) is evaluated once and returned.
     stop_at : int, optional
         Stop after this many steps (to test resuming); the schedule still
         assumes ``tcfg.steps``.
     progress : bool
-        Show a tqdm progress bar with loss and tokens/s.
+        Show a tqdm progress bar with loss and tokens/s.  The bar starts after
+        the first step, whose time (the kernels compile on a first run) would
+        make its rate and time left meaningless; a slow first step is logged.
     corpus : dict of uint8 arrays, optional
         ``train`` / ``val`` / ``test`` splits; default: ``tcfg.corpus`` loaded
         and split 90/5/5.
+    log : callable
+        Receives the one-line messages (a slow first step, a time limit, an interruption).
     device : {"cpu", "gpu"}
         Where the parameters, optimiser and k-means state live and the steps
         run (``"gpu"``: CuPy arrays, :func:`rt_numpy.backend.to_device`).  The
@@ -294,10 +508,18 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
     dict
         ``params``, ``opt_state``, ``kmeans_states``, ``step``, ``history``
         (one dict per logged step), ``val`` (the last evaluation), ``sha256``
-        of the corpus, ``checkpoint`` (its path or None).
+        of the corpus, ``checkpoint`` (its path or None), ``plot``, ``rng``.
+
+    Raises
+    ------
+    Interrupted
+        On Ctrl-C (KeyboardInterrupt), after saving the last completed step to
+        ``out_dir`` (atomically, as every checkpoint); resuming from it gives
+        bitwise what the uninterrupted run gives.
     """
     from tqdm.auto import tqdm
 
+    check_out_dir(out_dir)
     sha = None
     if corpus is None:
         raw, sha = data.load_corpus(tcfg.corpus)
@@ -317,35 +539,68 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
     params, opt_state, kmeans_states = backend.to_device((params, opt_state, kmeans_states), device)
     last = min(tcfg.steps, stop_at) if stop_at is not None else tcfg.steps
     checkpoint = os.path.join(out_dir, "checkpoint") if out_dir else None
+
+    def evaluate_val():
+        return evaluate(params, kmeans_states, cfg, corpus["val"], batch_size=tcfg.batch_size,
+                        max_batches=tcfg.eval_batches, impl=impl)
+
+    def save(state, rng_state, logged):
+        done_rng = np.random.default_rng()
+        done_rng.bit_generator.state = rng_state
+        save_checkpoint(checkpoint, params=state[0], opt_state=state[1], kmeans_states=state[2], step=state[3],
+                        rng=done_rng, cfg=cfg, tcfg=tcfg, history=logged)
+
     val = None
+    if step >= last:
+        log(f"the run is already finished (step {step} of {last}): evaluating it only")
+        val = evaluate_val()
+        if checkpoint:
+            save((params, opt_state, kmeans_states, step), rng.bit_generator.state, history)
+    # The state after the last completed step, replaced as a whole at the end of each step, so that
+    # Ctrl-C at any line saves a consistent one (the generator as it was before that step's batch).
+    done = ((params, opt_state, kmeans_states, step), rng.bit_generator.state, len(history))
+    bar = None
     start = time.perf_counter()
-    bar = tqdm(total=last, initial=step, disable=not progress, desc="train", unit="step")
     tokens = 0
-    while step < last:
-        x, y = data.random_batches(corpus["train"], tcfg.batch_size, cfg.seq_len, rng)
-        params, opt_state, kmeans_states, metrics = train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg,
-                                                               step, rng, impl)
-        step += 1
-        tokens += x.size
-        elapsed = time.perf_counter() - start
-        metrics.update(step=step, tokens_per_s=tokens / max(elapsed, 1e-9))
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['cross_entropy']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
-        out_of_time = tcfg.time_limit > 0 and elapsed > tcfg.time_limit
-        if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == last or out_of_time:
-            val = evaluate(params, kmeans_states, cfg, corpus["val"], batch_size=tcfg.batch_size,
-                           max_batches=tcfg.eval_batches, impl=impl)
-            metrics.update(val_bits_per_byte=val["bits_per_byte"], val_cross_entropy=val["cross_entropy"])
-            bar.write(f"step {step}: train loss {metrics['cross_entropy']:.3f} nats, "
-                      f"val {val['bits_per_byte']:.3f} bits/byte, {metrics['tokens_per_s']:,.0f} tokens/s")
-            if checkpoint:
-                save_checkpoint(checkpoint, params=params, opt_state=opt_state, kmeans_states=kmeans_states,
-                                step=step, rng=rng, cfg=cfg, tcfg=tcfg, history=history + [metrics])
-        history.append(metrics)
-        if out_of_time:
-            log(f"time limit of {tcfg.time_limit:.0f} s reached after {step} steps")
-            break
-    bar.close()
+    try:
+        while step < last:
+            x, y = data.random_batches(corpus["train"], tcfg.batch_size, cfg.seq_len, rng)
+            params, opt_state, kmeans_states, metrics = train_step(params, opt_state, kmeans_states, x, y, cfg,
+                                                                   tcfg, step, rng, impl)
+            step += 1
+            tokens += x.size
+            elapsed = time.perf_counter() - start
+            metrics.update(step=step, tokens_per_s=tokens / max(elapsed, 1e-9), elapsed_s=elapsed)
+            if bar is None:  # the first step of this call: compiling kernels is not the rate of training
+                if elapsed > SLOW_FIRST_STEP_S:
+                    log(f"first step took {elapsed:.1f} s (includes compiling kernels on a first run)")
+                bar = tqdm(total=last, initial=step, disable=not progress, desc="train", unit="step")
+            else:
+                bar.update(1)
+            bar.set_postfix(loss=f"{metrics['cross_entropy']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+            out_of_time = tcfg.time_limit > 0 and elapsed > tcfg.time_limit
+            if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == last or out_of_time:
+                val = evaluate_val()
+                metrics.update(val_bits_per_byte=val["bits_per_byte"], val_cross_entropy=val["cross_entropy"])
+                bar.write(f"step {step}: train loss {metrics['cross_entropy']:.3f} nats, "
+                          f"val {val['bits_per_byte']:.3f} bits/byte, {metrics['tokens_per_s']:,.0f} tokens/s")
+                if checkpoint:
+                    save((params, opt_state, kmeans_states, step), rng.bit_generator.state, history + [metrics])
+            history.append(metrics)
+            done = ((params, opt_state, kmeans_states, step), rng.bit_generator.state, len(history))
+            if out_of_time:
+                log(f"time limit of {tcfg.time_limit:.0f} s reached after {step} steps")
+                break
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        state, rng_state, n_logged = done
+        if checkpoint:
+            save(state, rng_state, history[:n_logged])
+        log(f"interrupted after step {state[3]}" + (f"; saved {checkpoint}.npz" if checkpoint else ""))
+        raise Interrupted(state[3], checkpoint) from None
+    if bar is not None:
+        bar.close()
     plot = plot_history(history, os.path.join(out_dir, "loss.png")) if out_dir and history else None
     return {"params": params, "opt_state": opt_state, "kmeans_states": kmeans_states, "step": step,
             "history": history, "val": val, "sha256": sha, "checkpoint": checkpoint, "plot": plot, "rng": rng}
@@ -375,15 +630,23 @@ def plot_history(history, path):
 
 
 # --------------------------------------------------------------------------- presets
+SMALL = model.Config(seq_len=256, width=128, n_layers=4, num_heads=4, n_route_heads=2, n_route_layers=2,
+                     num_clusters=4, window_size=64, block_size=64)
+# A fixed number of steps and no time limit, so that the result does not depend on the machine's speed.
+SMALL_TRAIN = TrainConfig(steps=1500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50, eval_every=250,
+                          eval_batches=16)
+
 PRESETS = {
     # CI-sized: trains in a few seconds.
     "tiny": (model.Config(seq_len=64, width=32, n_layers=2, num_heads=4, n_route_heads=2, n_route_layers=1,
                           num_clusters=2, window_size=32, block_size=32),
              TrainConfig(steps=30, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=0,
                          eval_batches=2)),
-    # The README demo: a few minutes on a 2-core laptop.
-    "small": (model.Config(seq_len=256, width=128, n_layers=4, num_heads=4, n_route_heads=2, n_route_layers=2,
-                           num_clusters=4, window_size=64, block_size=64),
-              TrainConfig(steps=1500, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50, eval_every=250,
-                          eval_batches=16, time_limit=540.0)),
+    # The README demo: minutes on a 2-core laptop.
+    "small": (SMALL, SMALL_TRAIN),
+    # The same model with local attention only (no routing layer, no k-means): what routing adds.
+    "local": (dataclasses.replace(SMALL, n_route_layers=0), SMALL_TRAIN),
+    # The same model with each token routed to its nearest centroid instead of balanced top-W clusters
+    # (docs/algorithm.md#13-membership).
+    "nearest": (dataclasses.replace(SMALL, membership="nearest"), SMALL_TRAIN),
 }

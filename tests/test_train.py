@@ -1,6 +1,5 @@
 """Training loop, checkpoints, resume and the command line (tiny sizes)."""
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -90,43 +89,6 @@ def saved(corpus, tmp_path):
     return tmp_path / "checkpoint"
 
 
-def test_truncated_npz_is_refused(saved):
-    payload = open(f"{saved}.npz", "rb").read()
-    open(f"{saved}.npz", "wb").write(payload[: len(payload) // 2])
-    with pytest.raises(train.CheckpointError, match="sha256"):
-        train.load_checkpoint(saved)
-
-
-def test_corrupt_json_is_refused(saved):
-    open(f"{saved}.json", "w").write("{not json")
-    with pytest.raises(train.CheckpointError, match="not valid JSON"):
-        train.load_checkpoint(saved)
-
-
-def test_missing_file_is_refused(saved):
-    os.remove(f"{saved}.npz")
-    with pytest.raises(train.CheckpointError, match="missing file"):
-        train.load_checkpoint(saved)
-
-
-def test_tampered_arrays_with_matching_hash_are_refused(saved):
-    """A checkpoint whose arrays do not match its own config (e.g. edited by hand)."""
-    import hashlib
-    import io
-
-    with np.load(f"{saved}.npz", allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    arrays["params/wte"] = arrays["params/wte"][:, :3]
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    open(f"{saved}.npz", "wb").write(buffer.getvalue())
-    meta = json.load(open(f"{saved}.json"))
-    meta["npz_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
-    json.dump(meta, open(f"{saved}.json", "w"))
-    with pytest.raises(train.CheckpointError, match="do not match its config"):
-        train.load_checkpoint(saved)
-
-
 def test_mismatched_model_is_refused(saved, corpus, tmp_path):
     other = dataclasses.replace(CFG, width=8)
     with pytest.raises(train.CheckpointError, match="another model"):
@@ -135,23 +97,6 @@ def test_mismatched_model_is_refused(saved, corpus, tmp_path):
         train.train(other, TCFG, resume=str(saved), progress=False, corpus=corpus)
     with pytest.raises(train.CheckpointError, match="trained with"):
         train.train(CFG, dataclasses.replace(TCFG, lr=1e-3), resume=str(saved), progress=False, corpus=corpus)
-
-
-def test_failed_save_leaves_the_old_checkpoint(saved, monkeypatch):
-    before = {s: open(f"{saved}{s}", "rb").read() for s in (".npz", ".json")}
-    loaded = train.load_checkpoint(saved)
-
-    def explode(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(train.json, "dumps", explode)  # fails after the arrays were serialised
-    with pytest.raises(OSError, match="disk full"):
-        train.save_checkpoint(saved, params=loaded["params"], opt_state=loaded["opt_state"],
-                              kmeans_states=loaded["kmeans_states"], step=99, rng=loaded["rng"],
-                              cfg=loaded["cfg"], tcfg=loaded["tcfg"])
-    after = {s: open(f"{saved}{s}", "rb").read() for s in (".npz", ".json")}
-    assert after == before
-    train.load_checkpoint(saved)  # still valid
 
 
 def test_evaluate_reports_bits_per_byte(corpus):
@@ -177,6 +122,128 @@ def test_optimizer_state_advances(corpus):
     result = run(corpus)
     assert result["opt_state"]["step"] == TCFG.steps
     assert set(result["opt_state"]["m"]) == set(optim.adamw_init(result["params"])["m"])
+
+
+def test_evaluate_checks_its_sizes(corpus):
+    params = model.init_params(CFG, np.random.default_rng(0))
+    states = model.init_kmeans(CFG, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="max_batches must be >= 1, got 0"):
+        train.evaluate(params, states, CFG, corpus["val"], batch_size=2, max_batches=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        train.evaluate(params, states, CFG, corpus["val"], batch_size=0)
+    with pytest.raises(TypeError, match="max_batches must be an integer"):
+        train.evaluate(params, states, CFG, corpus["val"], batch_size=2, max_batches=1.5)
+
+
+@pytest.fixture(scope="module")
+def full(corpus):
+    """The uninterrupted run of TCFG, for comparisons."""
+    return run(corpus)
+
+
+def test_ctrl_c_saves_the_last_completed_step(corpus, tmp_path, monkeypatch, full):
+    real_step, messages = train.train_step, []
+
+    def step_or_interrupt(*args):
+        if args[7] == 3:  # the step index: three steps are complete
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", step_or_interrupt)
+    with pytest.raises(train.Interrupted) as info:
+        run(corpus, tmp_path, log=messages.append)
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert info.value.step == 3 and info.value.checkpoint == str(tmp_path / "checkpoint")
+    assert messages == [f"interrupted after step 3; saved {tmp_path / 'checkpoint'}.npz"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "checkpoint.npz"]  # no temporary file
+    saved = train.load_checkpoint(tmp_path / "checkpoint")
+    assert saved["step"] == saved["opt_state"]["step"] == 3 and [h["step"] for h in saved["history"]] == [1, 2, 3]
+    with pytest.raises(train.Interrupted) as info:
+        run(corpus)  # nothing to save
+    assert info.value.step == 3 and info.value.checkpoint is None
+    monkeypatch.undo()
+    resumed = run(corpus, resume=str(tmp_path / "checkpoint"))
+    same_arrays(full["params"], resumed["params"])
+    same_arrays(full["kmeans_states"], resumed["kmeans_states"])
+
+
+def test_resuming_a_finished_run_evaluates_it(corpus, tmp_path, full):
+    first = run(corpus, tmp_path)
+    messages = []
+    again = run(corpus, tmp_path / "again", resume=str(tmp_path / "checkpoint"), log=messages.append)
+    assert messages == [f"the run is already finished (step {TCFG.steps} of {TCFG.steps}): evaluating it only"]
+    assert again["step"] == TCFG.steps and again["val"] == first["val"] == full["val"]
+    assert [h["step"] for h in again["history"]] == list(range(1, TCFG.steps + 1))
+    assert train.load_checkpoint(again["checkpoint"])["step"] == TCFG.steps
+    assert os.path.exists(again["plot"])
+
+
+def test_bad_out_dir_fails_before_training(corpus, tmp_path, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+
+    def no_training(*args):
+        raise AssertionError("trained before checking out_dir")
+
+    monkeypatch.setattr(train, "train_step", no_training)
+    with pytest.raises(ValueError, match=r"out_dir '.*a_file' is a file, not a directory"):
+        run(corpus, a_file)
+    with pytest.raises(ValueError, match=r"out_dir '.*a_file/run' cannot be created: .*a_file is a file"):
+        run(corpus, a_file / "run")
+    with pytest.raises(TypeError, match="out_dir must be a path or None, got 3"):
+        train.check_out_dir(3)
+    train.check_out_dir(tmp_path / "new" / "deeper")  # can be created
+    train.check_out_dir(None)
+
+
+def test_progress_bar_starts_after_the_first_step(corpus, monkeypatch):
+    import tqdm.auto
+
+    bars, messages = [], []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            bars.append(kwargs)
+            self.updates = 0
+
+        def update(self, n):
+            self.updates += n
+            bars[-1]["updates"] = self.updates
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def write(self, line):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(train, "SLOW_FIRST_STEP_S", -1.0)  # every first step counts as slow
+    result = run(corpus, log=messages.append)
+    assert len(bars) == 1 and bars[0]["initial"] == 1 and bars[0]["updates"] == TCFG.steps - 1
+    assert len(messages) == 1 and messages[0].startswith("first step took ")
+    assert messages[0].endswith(" s (includes compiling kernels on a first run)")
+    assert result["history"][0]["elapsed_s"] <= result["history"][-1]["elapsed_s"]
+    monkeypatch.setattr(train, "SLOW_FIRST_STEP_S", 1e9)
+    messages.clear()
+    run(corpus, log=messages.append)
+    assert messages == []
+
+
+def test_presets():
+    for name, (cfg, tcfg) in train.PRESETS.items():
+        assert tcfg.time_limit == 0, name  # a fixed number of steps: the result does not depend on the machine
+    small, small_train = train.PRESETS["small"]
+    local, local_train = train.PRESETS["local"]
+    nearest, nearest_train = train.PRESETS["nearest"]
+    assert local_train == nearest_train == small_train
+    assert model.init_kmeans(local, np.random.default_rng(0)) == {}  # no routing layer
+    assert not any(local.is_sparse_layer(i) for i in range(local.n_layers))
+    assert dataclasses.replace(local, n_route_layers=small.n_route_layers) == small
+    assert nearest.membership == "nearest" and dataclasses.replace(nearest, membership=small.membership) == small
+    assert model.param_shapes(local) == model.param_shapes(small)  # the same parameters, another attention
 
 
 @pytest.mark.slow
