@@ -15,6 +15,11 @@ non-overlapping windows.  ``recall_task`` builds synthetic associative-recall
 sequences whose answers lie further back than a local attention window, the setting
 in which content-based routing should beat local attention.
 
+Every public function checks its arguments first (:mod:`rt_numpy._checks`):
+token arrays must be 1-D integer arrays, sizes positive integers, and a
+request whose arrays would not fit in the machine's memory is refused before
+anything is allocated.
+
 Notes
 -----
 Roy et al., "Efficient Content-Based Sparse Attention with Routing Transformers",
@@ -28,12 +33,15 @@ import functools
 import hashlib
 import importlib.util
 import math
+import numbers
 import os
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from rt_numpy import _checks
 
 VOCAB_SIZE = 256
 """Number of distinct tokens: one per byte value."""
@@ -53,6 +61,33 @@ _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "
 
 ENWIK_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 """Name of the Wikipedia dump inside ``gensim/test/test_data`` (checked in gensim 4.4.0)."""
+
+
+# --------------------------------------------------------------------------- checks
+def _tokens(name, data):
+    """A 1-D integer array of token ids (a list of ints is taken as one); returned as an ndarray."""
+    if not hasattr(data, "dtype"):
+        if not isinstance(data, (list, tuple, bytes)):
+            raise TypeError(f"{name} must be a 1-D integer array of token ids, got {type(data).__name__}")
+        data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.asarray(data)
+    data = np.asarray(data)
+    if data.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array of token ids, got dtype {data.dtype}")
+    if data.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {data.shape}")
+    return data
+
+
+def _byte_range(name, data):
+    """Every id of ``data`` is a byte, in [0, 256): what a cast to uint8 keeps unchanged."""
+    if data.size and (int(data.min()) < 0 or int(data.max()) >= VOCAB_SIZE):
+        raise ValueError(f"{name} must hold byte values in [0, {VOCAB_SIZE}), got values in "
+                         f"[{int(data.min())}, {int(data.max())}]")
+
+
+def _sizes(**sizes):
+    """Positive integer sizes (batch_size=..., seq_len=...), returned as ints in the given order."""
+    return tuple(_checks.integer(name, value, 1) for name, value in sizes.items())
 
 
 # --------------------------------------------------------------------------- tokeniser
@@ -86,12 +121,8 @@ def decode(ids) -> str:
     -------
     text : str
     """
-    ids = np.asarray(ids)
-    if ids.ndim != 1:
-        raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
-    if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= VOCAB_SIZE):
-        raise ValueError(f"ids must be integers in [0, {VOCAB_SIZE}), got dtype {ids.dtype} "
-                         f"with range [{ids.min()}, {ids.max()}]")
+    ids = _tokens("ids", ids)
+    _byte_range("ids", ids)
     return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
@@ -142,8 +173,7 @@ def python_corpus(max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[bytes, str]:
     -----
     Nothing is written to disk; results are kept in memory (``functools.lru_cache``).
     """
-    if not isinstance(max_bytes, (int, np.integer)) or max_bytes <= 0:
-        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    _checks.integer("max_bytes", max_bytes, 1)
     from pydoc_data.topics import topics
 
     def records():
@@ -205,6 +235,10 @@ def enwik_corpus(path: str | os.PathLike | None = None, max_bytes: int | None = 
     ImportError
         If gensim is not installed and no ``path`` is given.
     """
+    if max_bytes is not None:
+        _checks.integer("max_bytes", max_bytes, 1)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or a path, got {type(path).__name__}")
     if path is None:
         test_data = _gensim_test_data()
         path = test_data / ENWIK_FILE
@@ -213,10 +247,10 @@ def enwik_corpus(path: str | os.PathLike | None = None, max_bytes: int | None = 
             if not found:
                 raise FileNotFoundError(f"no enwiki-latest-pages-articles*.bz2 in {test_data}")
             path = found[0]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"path: no such file {str(path)!r}")
     data = bz2.decompress(Path(path).read_bytes())
     if max_bytes is not None:
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be a positive integer or None, got {max_bytes!r}")
         data = data[:max_bytes]
     return data, hashlib.sha256(data).hexdigest()
 
@@ -265,7 +299,12 @@ def split(data: np.ndarray, fractions=(0.9, 0.05, 0.05)) -> dict[str, np.ndarray
         ``{"train": data[:a], "val": data[a:b], "test": data[b:]}`` (views) with
         ``a = floor(N * f_train)`` and ``b = floor(N * (f_train + f_val))``.
     """
-    f = tuple(float(v) for v in fractions)
+    data = _tokens("data", data)
+    if not isinstance(fractions, (tuple, list)):
+        raise TypeError(f"fractions must be a sequence of 3 numbers, got {fractions!r}")
+    if not len(data):
+        raise ValueError("data must not be empty: there is nothing to split")
+    f = tuple(_checks.real(f"fractions[{i}]", v) for i, v in enumerate(fractions))
     if len(f) != 3 or min(f) < 0 or f[0] <= 0 or not math.isclose(sum(f), 1.0, abs_tol=1e-9):
         raise ValueError(f"fractions must be 3 non-negative numbers summing to 1 with a positive "
                          f"train fraction, got {tuple(fractions)!r}")
@@ -275,14 +314,20 @@ def split(data: np.ndarray, fractions=(0.9, 0.05, 0.05)) -> dict[str, np.ndarray
     return {"train": data[:a], "val": data[a:b], "test": data[b:]}
 
 
-def _check_windows(data: np.ndarray, batch_size: int, seq_len: int) -> None:
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+def _check_windows(data, batch_size, seq_len):
+    """Token data and window sizes; returns ``data, batch_size, seq_len`` checked."""
+    data = _tokens("data", data)
+    batch_size, seq_len = _sizes(batch_size=batch_size, seq_len=seq_len)
     if len(data) <= seq_len:
         raise ValueError(f"seq_len must be less than len(data) (a window needs seq_len + 1 bytes), "
                          f"got seq_len={seq_len} with len(data)={len(data)}")
+    return data, batch_size, seq_len
+
+
+def _window_memory(what, rows, batch_size, seq_len):
+    """Refuse ``rows`` windows that do not fit in memory: each costs two int64 arrays of
+    ``seq_len + 1`` (the indices and the ids)."""
+    _checks.allocation(f"{what}(batch_size={batch_size}, seq_len={seq_len})", 16 * rows * (seq_len + 1))
 
 
 def random_batches(data: np.ndarray, batch_size: int, seq_len: int,
@@ -304,7 +349,9 @@ def random_batches(data: np.ndarray, batch_size: int, seq_len: int,
     y : ndarray of int64, shape (B, T)
         Next-byte targets ``data[s + 1 : s + T + 1]``, so ``y[:, :-1] == x[:, 1:]``.
     """
-    _check_windows(data, batch_size, seq_len)
+    data, batch_size, seq_len = _check_windows(data, batch_size, seq_len)
+    _checks.generator("rng", rng)
+    _window_memory("random_batches", batch_size, batch_size, seq_len)
     starts = rng.integers(0, len(data) - seq_len, size=batch_size)  # (B,)
     idx = starts[:, None] + np.arange(seq_len + 1)  # (B, 1) + (T+1,) -> (B, T+1)
     windows = np.asarray(data)[idx].astype(np.int64)  # (B, T+1)
@@ -330,8 +377,9 @@ def eval_batches(data: np.ndarray, batch_size: int,
     ------
     x, y : ndarray of int64, shape (b, T), ``b <= B``
     """
-    _check_windows(data, batch_size, seq_len)
+    data, batch_size, seq_len = _check_windows(data, batch_size, seq_len)
     n_windows = (len(data) - 1) // seq_len
+    _window_memory("eval_batches", min(batch_size, n_windows), batch_size, seq_len)
     offsets = np.arange(seq_len + 1)  # (T+1,)
     for first in range(0, n_windows, batch_size):
         starts = np.arange(first, min(first + batch_size, n_windows)) * seq_len  # (b,)
@@ -356,9 +404,11 @@ def documents(data: np.ndarray, marker: bytes) -> list[np.ndarray]:
         before the first marker (the tail of a document that a split cut) are
         the first piece, when there are any.
     """
+    data = _tokens("data", data)
+    _byte_range("data", data)
     if not isinstance(marker, bytes) or not marker:
         raise ValueError(f"marker must be non-empty bytes, got {marker!r}")
-    raw = np.asarray(data).astype(np.uint8).tobytes()
+    raw = data.astype(np.uint8).tobytes()
     starts, at = [], raw.find(marker)
     while at >= 0:
         starts.append(at)
@@ -392,9 +442,13 @@ def document_batches(docs: list[np.ndarray], batch_size: int,
     doc : ndarray of int64, shape (b,)
         The index in ``docs`` of each window's document.
     """
-    if batch_size <= 0 or seq_len <= 0:
-        raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+    batch_size, seq_len = _sizes(batch_size=batch_size, seq_len=seq_len)
+    if not isinstance(docs, (list, tuple)):
+        raise TypeError(f"docs must be a list of 1-D token arrays, got {type(docs).__name__}")
+    docs = [_tokens(f"docs[{d}]", text) for d, text in enumerate(docs)]
     windows = [(d, start) for d, text in enumerate(docs) for start in range(0, len(text) - 1, seq_len)]
+    _checks.allocation(f"document_batches(batch_size={batch_size}, seq_len={seq_len})",
+                       17 * min(batch_size, len(windows)) * seq_len)  # x, y int64 and the bool mask
     for first in range(0, len(windows), batch_size):
         group = windows[first:first + batch_size]
         x = np.zeros((len(group), seq_len), np.int64)  # (b, T)
@@ -408,7 +462,13 @@ def document_batches(docs: list[np.ndarray], batch_size: int,
 
 
 def bits_per_byte(mean_nll_nats):
-    """Convert a mean negative log-likelihood per byte from nats to bits: ``nats / ln 2``."""
+    """Convert a mean negative log-likelihood per byte from nats to bits: ``nats / ln 2``.
+
+    ``mean_nll_nats`` is a number or a float array (one value per document, say).
+    """
+    if not (isinstance(mean_nll_nats, numbers.Real) and not isinstance(mean_nll_nats, bool)) and \
+            getattr(mean_nll_nats, "dtype", np.dtype(object)).kind != "f":
+        raise TypeError(f"mean_nll_nats must be a number or a float array, got {type(mean_nll_nats).__name__}")
     return mean_nll_nats / math.log(2)
 
 
@@ -466,10 +526,10 @@ def recall_task(batch_size: int, seq_len: int, *, rng: np.random.Generator, n_pa
     the answer while routing heads, which cluster the query key with its earlier
     occurrence (Roy et al. 2021, Section 4), can.
     """
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("n_pairs", n_pairs),
-                        ("key_len", key_len), ("value_len", value_len), ("distance", distance)):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+    batch_size, seq_len, n_pairs, key_len, value_len, distance = _sizes(
+        batch_size=batch_size, seq_len=seq_len, n_pairs=n_pairs, key_len=key_len, value_len=value_len,
+        distance=distance)
+    _checks.generator("rng", rng)
     n_keys = len(KEY_ALPHABET) ** key_len
     if n_pairs > n_keys:
         raise ValueError(f"n_pairs must be at most 26 ** key_len = {n_keys} (keys are distinct), "
@@ -480,6 +540,8 @@ def recall_task(batch_size: int, seq_len: int, *, rng: np.random.Generator, n_pa
     if seq_len < min_len:
         raise ValueError(f"distance={distance} is too large for seq_len={seq_len}: with n_pairs={P} "
                          f"and records of {R} bytes, seq_len must be at least {min_len}")
+    _checks.allocation(f"recall_task(batch_size={batch_size}, seq_len={seq_len})",
+                       25 * batch_size * (seq_len + 1))  # the draws and s (int64), the mask (bool)
     keys_ab = np.frombuffer(KEY_ALPHABET, np.uint8)
     values_ab = np.frombuffer(VALUE_ALPHABET, np.uint8)
     filler_ab = np.frombuffer(FILLER_ALPHABET, np.uint8)
@@ -518,6 +580,10 @@ def recall_accuracy(logits_or_pred: np.ndarray, y: np.ndarray, mask: np.ndarray)
     -------
     accuracy : float in [0, 1]
     """
+    if not hasattr(logits_or_pred, "shape"):
+        raise TypeError(f"logits_or_pred must be an array, got {type(logits_or_pred).__name__}")
+    if getattr(getattr(mask, "dtype", None), "kind", None) != "b":
+        raise TypeError(f"mask must be a bool array, got {getattr(mask, 'dtype', type(mask).__name__)}")
     pred = np.asarray(logits_or_pred)
     if pred.ndim == 3:
         pred = pred.argmax(axis=-1)  # (B, T, V) -> (B, T)
@@ -577,6 +643,10 @@ def digit_images(n_images: int, *, split: str, rng: np.random.Generator, tiles=(
             or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in tiles)):
         raise ValueError(f"tiles must be a pair (rows, cols) of positive integers, got {tiles!r}")
     rows, cols = tiles
+    _checks.generator("rng", rng)
+    _checks.integer("n_train_digits", n_train_digits, 1)
+    _checks.allocation(f"digit_images(n_images={n_images}, tiles={tiles})",
+                       n_images * rows * cols * (8 + 10 * 64))  # digit picks (int64), pixels (uint8, int64 twice)
     digits = load_digits().images.astype(np.uint8)  # (1797, 8, 8), values 0..16
     if not 1 <= n_train_digits < len(digits):
         raise ValueError(f"n_train_digits must be in [1, {len(digits) - 1}], got {n_train_digits}")
@@ -592,6 +662,14 @@ def image_batch(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     pixels (B, T) -> x, y (B, T); every pixel is a target once, the first one after ``IMAGE_START``.
     """
+    if getattr(pixels, "dtype", np.dtype(object)).kind not in "iu":
+        raise TypeError(f"pixels must be an integer array (B, T), "
+                        f"got {getattr(pixels, 'dtype', type(pixels).__name__)}")
+    if pixels.ndim != 2 or 0 in pixels.shape:
+        raise ValueError(f"pixels must have shape (B, T) with no empty axis, got {pixels.shape}")
+    if int(pixels.min()) < 0 or int(pixels.max()) >= IMAGE_LEVELS:
+        raise ValueError(f"pixels must lie in [0, IMAGE_LEVELS={IMAGE_LEVELS}), got values in "
+                         f"[{int(pixels.min())}, {int(pixels.max())}]")
     pixels = np.asarray(pixels, dtype=np.int64)
     start = np.full((pixels.shape[0], 1), IMAGE_START, dtype=np.int64)
     return np.concatenate([start, pixels[:, :-1]], axis=1), pixels
