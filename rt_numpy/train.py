@@ -540,25 +540,26 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
     last = min(tcfg.steps, stop_at) if stop_at is not None else tcfg.steps
     checkpoint = os.path.join(out_dir, "checkpoint") if out_dir else None
 
-    def evaluate_val():
+    def evaluate_val(params, kmeans_states):
         return evaluate(params, kmeans_states, cfg, corpus["val"], batch_size=tcfg.batch_size,
                         max_batches=tcfg.eval_batches, impl=impl)
 
-    def save(state, rng_state, logged):
-        done_rng = np.random.default_rng()
-        done_rng.bit_generator.state = rng_state
-        save_checkpoint(checkpoint, params=state[0], opt_state=state[1], kmeans_states=state[2], step=state[3],
-                        rng=done_rng, cfg=cfg, tcfg=tcfg, history=logged)
+    def save(params, opt_state, kmeans_states, step, rng_state, n_logged):
+        """Checkpoint the state after ``step``: the generator's state then, the first ``n_logged`` history rows."""
+        rng_then = np.random.default_rng()
+        rng_then.bit_generator.state = rng_state
+        save_checkpoint(checkpoint, params=params, opt_state=opt_state, kmeans_states=kmeans_states, step=step,
+                        rng=rng_then, cfg=cfg, tcfg=tcfg, history=history[:n_logged])
 
     val = None
     if step >= last:
         log(f"the run is already finished (step {step} of {last}): evaluating it only")
-        val = evaluate_val()
+        val = evaluate_val(params, kmeans_states)
         if checkpoint:
-            save((params, opt_state, kmeans_states, step), rng.bit_generator.state, history)
-    # The state after the last completed step, replaced as a whole at the end of each step, so that
-    # Ctrl-C at any line saves a consistent one (the generator as it was before that step's batch).
-    done = ((params, opt_state, kmeans_states, step), rng.bit_generator.state, len(history))
+            save(params, opt_state, kmeans_states, step, rng.bit_generator.state, len(history))
+    # What save() needs after the last completed step, replaced as a whole at the end of each step, so that
+    # Ctrl-C at any line saves a consistent state (the generator as it was before the unfinished step's batch).
+    done = (params, opt_state, kmeans_states, step, rng.bit_generator.state, len(history))
     bar = None
     start = time.perf_counter()
     tokens = 0
@@ -579,26 +580,27 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
                 bar.update(1)
             bar.set_postfix(loss=f"{metrics['cross_entropy']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
             out_of_time = tcfg.time_limit > 0 and elapsed > tcfg.time_limit
-            if (tcfg.eval_every and step % tcfg.eval_every == 0) or step == last or out_of_time:
-                val = evaluate_val()
+            evaluate_now = (tcfg.eval_every and step % tcfg.eval_every == 0) or step == last or out_of_time
+            if evaluate_now:
+                val = evaluate_val(params, kmeans_states)
                 metrics.update(val_bits_per_byte=val["bits_per_byte"], val_cross_entropy=val["cross_entropy"])
                 bar.write(f"step {step}: train loss {metrics['cross_entropy']:.3f} nats, "
                           f"val {val['bits_per_byte']:.3f} bits/byte, {metrics['tokens_per_s']:,.0f} tokens/s")
-                if checkpoint:
-                    save((params, opt_state, kmeans_states, step), rng.bit_generator.state, history + [metrics])
             history.append(metrics)
-            done = ((params, opt_state, kmeans_states, step), rng.bit_generator.state, len(history))
+            if evaluate_now and checkpoint:
+                save(params, opt_state, kmeans_states, step, rng.bit_generator.state, len(history))
+            done = (params, opt_state, kmeans_states, step, rng.bit_generator.state, len(history))
             if out_of_time:
                 log(f"time limit of {tcfg.time_limit:.0f} s reached after {step} steps")
                 break
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        state, rng_state, n_logged = done
         if checkpoint:
-            save(state, rng_state, history[:n_logged])
-        log(f"interrupted after step {state[3]}" + (f"; saved {checkpoint}.npz" if checkpoint else ""))
-        raise Interrupted(state[3], checkpoint) from None
+            save(*done)
+        step = done[3]
+        log(f"interrupted after step {step}" + (f"; saved {checkpoint}.npz" if checkpoint else ""))
+        raise Interrupted(step, checkpoint) from None
     if bar is not None:
         bar.close()
     plot = plot_history(history, os.path.join(out_dir, "loss.png")) if out_dir and history else None
