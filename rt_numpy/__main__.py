@@ -118,20 +118,23 @@ def non_empty_text(text):
     return text
 
 
-def _field_types():
-    """The Python type of each :class:`rt_numpy.model.Config` field, ``(type, None allowed)`` by name."""
+def _field_types(config):
+    """The Python type of each field of the dataclass ``config``, ``(type, None allowed)`` by name."""
     types = {}
-    for name, hint in typing.get_type_hints(model.Config).items():
+    for name, hint in typing.get_type_hints(config).items():
         options = typing.get_args(hint) or (hint,)  # (int, NoneType) for ``int | None``
         types[name] = (next(t for t in options if t is not type(None)), type(None) in options)
     return types
 
 
-def assignment(text):
-    """``NAME=VALUE`` of ``--set``: a Config field and its value read as the field's type."""
+def assignment(text, config=model.Config):
+    """``NAME=VALUE`` of ``--set``: a field of ``config`` and its value read as the field's type.
+
+    Returns ``(name, value)``.  ``none`` is None where the field's type allows it (``int | None``).
+    """
     name, equals, raw = text.partition("=")
     name = name.strip()
-    types = _field_types()
+    types = _field_types(config)
     if not equals:
         raise argparse.ArgumentTypeError(f"must be NAME=VALUE, got {text!r}")
     if name not in types:
