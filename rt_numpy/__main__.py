@@ -324,7 +324,7 @@ def cmd_train(args, demo=False):
         prompt, where = (args.prompt, "--prompt") if args.prompt is not None else held_out_prompt(tcfg.corpus)
     print(f"model: {cfg}")
     print(f"training: {tcfg}")
-    result = train.train(cfg, tcfg, out_dir=out, resume=args.resume, impl=args.impl,
+    result = train.train(cfg, tcfg, out_dir=out or None, resume=args.resume, impl=args.impl,
                          progress=not args.no_progress, device=args.device)
     if result["sha256"]:
         print(f"corpus {tcfg.corpus!r}: sha256 {result['sha256']}")
@@ -502,10 +502,12 @@ def sampling_arguments(p, seed=True):
     """The options of ``sample`` (and of the demo's sample, which takes its seed from training)."""
     p.add_argument("--prompt", type=non_empty_text,
                    help=f"text to continue (default: the first {PROMPT_LINES} lines of a held-out document)")
-    p.add_argument("--n-new", dest="n_new", type=non_negative_int, default=300, help="bytes to generate")
-    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
+    p.add_argument("--n-new", dest="n_new", type=non_negative_int, default=300,
+                   help="bytes to generate (default 300)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="default 0.8; 0: greedy")
     p.add_argument("--top-k", dest="top_k", type=positive_int)
-    p.add_argument("--top-p", dest="top_p", type=top_p_value, default=0.95, help="in (0, 1]; 1: no nucleus filter")
+    p.add_argument("--top-p", dest="top_p", type=top_p_value, default=0.95,
+                   help="in (0, 1] (default 0.95; 1: no nucleus filter)")
     if seed:
         p.add_argument("--seed", type=non_negative_int, default=0)
 
