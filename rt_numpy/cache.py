@@ -31,8 +31,9 @@ Balanced membership and the prefix rule
 With ``membership="balanced"`` each cluster takes its W best tokens of the whole
 window, so appending a token can push an earlier token out of a cluster and
 change the output at that earlier position, and with it every later layer's keys
-and values there: no cache is exact.  :func:`step` then offers the official
-decoder's rule as an *approximation*, ``rule="prefix"``: when a position is the
+and values there: no cache is exact.  :func:`step` then offers the decode-time
+rule of the official code (future positions hidden) as an *approximation*,
+``rule="prefix"``: when a position is the
 newest, each cluster's members are chosen among the positions so far (the prefix),
 the position's keys and values in every layer are computed from them and then
 kept, never revised.  In the first routing layer this is what the full recompute
