@@ -35,8 +35,10 @@ The loops are written so that LLVM vectorises them without ``fastmath``: the
 innermost loop of each product is elementwise over keys (logits, against the
 transposed key tile) or over the D features (weighted sums of rows), never a
 floating-point reduction.  The exponential is
-:func:`rt_numpy.kernels.numba_exp.exp_nonpositive`.  This module imports
-numpy, numba and :mod:`rt_numpy.kernels.numba_exp` only.
+:func:`rt_numpy.kernels.numba_exp.exp_nonpositive`.  ``error_model="numpy"``
+(a division by zero would give inf, not raise) lets LLVM vectorise the
+division of a row by its softmax total, which is at least 1.  This module
+imports numpy, numba and :mod:`rt_numpy.kernels.numba_exp` only.
 
 Notes
 -----
@@ -55,7 +57,7 @@ from rt_numpy.kernels.numba_exp import exp_nonpositive
 
 
 # --------------------------------------------------------------------------- grouping
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _group(assignments, K, members, starts):
     """Positions grouped by cluster, ascending inside each cluster (a stable counting sort).
 
@@ -82,8 +84,8 @@ def _group(assignments, K, members, starts):
                 filled[c] += 1
 
 
-# --------------------------------------------------------------------------- one query row
-@njit(cache=True, inline="always")
+# --------------------------------------------------------------------------- building blocks
+@njit(cache=True, error_model="numpy", inline="always")
 def _gather_rows(x, positions, rows):
     """``rows[s] = x[positions[s]]``: x (T, D) -> rows (n, D)."""
     for s in range(positions.shape[0]):
@@ -92,7 +94,7 @@ def _gather_rows(x, positions, rows):
             dst[d] = src[d]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _gather_columns(x, positions, columns):
     """``columns[:, s] = x[positions[s]]``: x (T, D) -> columns (D, n), for products over keys."""
     for s in range(positions.shape[0]):
@@ -101,18 +103,56 @@ def _gather_columns(x, positions, columns):
             columns[d, s] = src[d]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_times_columns(x, columns, count, out):
+    """``out[s] = sum_d x[d] columns[d, s]`` for s < count: x (D,) @ columns (D, n) -> out (count,).
+
+    Four d per pass over ``out``, each pass elementwise over s (it vectorises;
+    one d per pass would load and store ``out`` four times as often).
+    """
+    D = x.shape[0]
+    out[:count] = 0
+    d = 0
+    while d + 4 <= D:
+        x0, x1, x2, x3 = x[d], x[d + 1], x[d + 2], x[d + 3]
+        c0, c1, c2, c3 = columns[d], columns[d + 1], columns[d + 2], columns[d + 3]
+        for s in range(count):
+            out[s] += x0 * c0[s] + x1 * c1[s] + x2 * c2[s] + x3 * c3[s]
+        d += 4
+    for rest in range(d, D):
+        xd, c = x[rest], columns[rest]
+        for s in range(count):
+            out[s] += xd * c[s]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _weights_times_rows(w, rows, count, out):
+    """``out[d] += sum_{s < count} w[s] rows[s, d]``: w (count,) @ rows (n, D) -> out (D,), added.
+
+    Four rows per pass over ``out``, each pass elementwise over d.
+    """
+    D = rows.shape[1]
+    s = 0
+    while s + 4 <= count:
+        w0, w1, w2, w3 = w[s], w[s + 1], w[s + 2], w[s + 3]
+        r0, r1, r2, r3 = rows[s], rows[s + 1], rows[s + 2], rows[s + 3]
+        for d in range(D):
+            out[d] += w0 * r0[d] + w1 * r1[d] + w2 * r2[d] + w3 * r3[d]
+        s += 4
+    for rest in range(s, count):
+        wr, r = w[rest], rows[rest]
+        for d in range(D):
+            out[d] += wr * r[d]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _probabilities(q_row, keys_t, keys, count, position, scale, last_resort, self_logit, p):
     """``p[:count] = softmax(scale q_row k_s)`` over the first ``count`` keys of a cluster, in place.
 
     q_row (D,), keys_t (D, n) the cluster's key rows as columns, keys (n,) their
     positions, ``position`` the query's.  ``count >= 1``.
     """
-    p[:count] = 0
-    for d in range(keys_t.shape[0]):  # (D,) @ (D, count) -> (count,), elementwise over keys
-        qd, column = q_row[d], keys_t[d]
-        for s in range(count):
-            p[s] += qd * column[s]
+    _row_times_columns(q_row, keys_t, count, p)  # (D,) @ (D, count) -> (count,)
     for s in range(count):
         p[s] *= scale
     if last_resort and keys[count - 1] == position:  # keys ascend: only the last visible one can be "self"
@@ -129,7 +169,7 @@ def _probabilities(q_row, keys_t, keys, count, position, scale, last_resort, sel
 
 
 # --------------------------------------------------------------------------- one cluster
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _visible_count(keys, position, count):
     """How many keys (ascending positions) are at or before ``position``; ``count`` is the answer for the
     previous, earlier query of the cluster, so the walk over the keys is done once per cluster."""
@@ -138,7 +178,7 @@ def _visible_count(keys, position, count):
     return count
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _cluster_forward(q, k, v, queries, keys, scale, last_resort, self_logit, inv, out):
     """Output rows (times ``inv = 1 / (1 + eps)``) of one cluster's queries, added into ``out`` (T, D), zeros."""
     n, D = keys.shape[0], q.shape[1]
@@ -154,15 +194,12 @@ def _cluster_forward(q, k, v, queries, keys, scale, last_resort, self_logit, inv
             continue
         _probabilities(q[i], k_t, keys, count, i, scale, last_resort, self_logit, p)
         row = out[i]
-        for s in range(count):  # (count,) @ (count, D) -> (D,), elementwise over D
-            w, value = p[s], v_rows[s]
-            for d in range(D):
-                row[d] += w * value[d]
+        _weights_times_rows(p, v_rows, count, row)  # (count,) @ (count, D) -> (D,)
         for d in range(D):
             row[d] *= inv
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _cluster_backward(g, q, k, v, queries, keys, shared, scale, last_resort, self_logit, inv, dq, dk, dv):
     """Gradient rows of one cluster into dq at its queries, dk and dv at its keys (all (T, D), zeros there);
     with ``shared``, the keys' gradient is added into dq.
@@ -187,11 +224,7 @@ def _cluster_backward(g, q, k, v, queries, keys, shared, scale, last_resort, sel
         _probabilities(q[i], k_t, keys, count, i, scale, last_resort, self_logit, p)
         for d in range(D):
             g_row[d] = g[i, d] * inv
-        ds[:count] = 0
-        for d in range(D):  # dP = g_i v^T: (D,) @ (D, count) -> (count,)
-            gd, column = g_row[d], v_t[d]
-            for s in range(count):
-                ds[s] += gd * column[s]
+        _row_times_columns(g_row, v_t, count, ds)  # dP = g_i v^T: (D,) @ (D, count) -> (count,)
         delta = scale - scale
         for s in range(count):
             delta += ds[s] * p[s]
@@ -199,13 +232,13 @@ def _cluster_backward(g, q, k, v, queries, keys, shared, scale, last_resort, sel
             ds[s] = scale * (p[s] * (ds[s] - delta))
         if last_resort and keys[count - 1] == i:
             ds[count - 1] = 0  # the self logit is the constant -5e4: nothing reaches q or k
-        q_row, dq_row = q[i], dq[i]
-        for s in range(count):
-            w, key, dk_row, dv_row = ds[s], k_rows[s], dk_rows[s], dv_rows[s]
+        _weights_times_rows(ds, k_rows, count, dq[i])  # (count,) @ (count, D) -> (D,)
+        q_row = q[i]
+        for s in range(count):  # one query's share of dk and dv: rank-one updates of (count, D)
+            w, dk_row, dv_row, ps = ds[s], dk_rows[s], dv_rows[s], p[s]
             for d in range(D):
-                dq_row[d] += w * key[d]
                 dk_row[d] += w * q_row[d]
-                dv_row[d] += p[s] * g_row[d]
+                dv_row[d] += ps * g_row[d]
     for s in range(n):
         j = keys[s]
         dv[j, :] = dv_rows[s]
@@ -217,20 +250,22 @@ def _cluster_backward(g, q, k, v, queries, keys, shared, scale, last_resort, sel
 
 
 # --------------------------------------------------------------------------- every cluster
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _forward(q, k, v, query_members, query_starts, key_members, key_starts, scale, last_resort, self_logit,
              inv, out):
+    """Every cluster's output rows into ``out`` (B, H, T, D), zeros; one cluster of one (b, h) per task."""
     B, H, K = query_starts.shape[0], query_starts.shape[1], query_starts.shape[2] - 1
-    for task in prange(B * H * K):  # one cluster of one (b, h) per task
+    for task in prange(B * H * K):
         b, h, c = task // (H * K), task // K % H, task % K
         queries = query_members[b, h, query_starts[b, h, c]:query_starts[b, h, c + 1]]
         keys = key_members[b, h, key_starts[b, h, c]:key_starts[b, h, c + 1]]
         _cluster_forward(q[b, h], k[b, h], v[b, h], queries, keys, scale, last_resort, self_logit, inv, out[b, h])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _backward(g, q, k, v, query_members, query_starts, key_members, key_starts, shared, scale, last_resort,
               self_logit, inv, dq, dk, dv):
+    """Every cluster's gradient rows into dq, dk, dv (B, H, T, D), zeros; one cluster of one (b, h) per task."""
     B, H, K = query_starts.shape[0], query_starts.shape[1], query_starts.shape[2] - 1
     for task in prange(B * H * K):
         b, h, c = task // (H * K), task // K % H, task % K
