@@ -41,11 +41,13 @@ computes; above it the kept states differ from the recomputed ones.  The gap in
 bits/byte is measured by ``bench/decode_gap.py``.
 
 Everything here is evaluation only: no dropout, no autograd, no k-means update
-(the centroids are read).  The functions call the same :mod:`rt_numpy.ops`
+(the centroids are read).  Plain array code, on NumPy (or CuPy) arrays.  The functions call the same :mod:`rt_numpy.ops`
 primitives as :mod:`rt_numpy.model`, so a float64 run agrees with ``forward`` to
 about 1e-13.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -158,10 +160,10 @@ def _local_step(q, local_cache, t, cfg):
     start = max(0, (t // cfg.block_size - cfg.look_back) * cfg.block_size)  # first key the block sees
     k = local_cache["k"][:, :, start:t + 1]  # (B, Hl, n, D), n = t + 1 - start
     v = local_cache["v"][:, :, start:t + 1]
-    n = t + 1 - start
-    visible = np.ones((1, n), bool)  # every key from start to t is seen
-    self_mask = (np.arange(n) == n - 1)[None] if cfg.self_attend == "last_resort" else None  # (1, n)
-    return attention.masked_attention(q, k, v, visible, scale=1.0 / np.sqrt(cfg.head_dim), self_mask=self_mask)
+    n, xp = t + 1 - start, backend.get_array_module(q)
+    visible = xp.ones((1, n), bool)  # every key from start to t is seen
+    self_mask = (xp.arange(n) == n - 1)[None] if cfg.self_attend == "last_resort" else None  # (1, n)
+    return attention.masked_attention(q, k, v, visible, scale=1.0 / math.sqrt(cfg.head_dim), self_mask=self_mask)
 
 
 def _members(route_cache, t, cfg):
@@ -172,7 +174,8 @@ def _members(route_cache, t, cfg):
     the best queries, among positions 0..t (ties to the lower position, as in training).
     """
     n, K = t + 1, cfg.num_clusters
-    clusters = np.arange(K)[:, None]  # (K, 1)
+    xp = backend.get_array_module(route_cache["scores"])
+    clusters = xp.arange(K)[:, None]  # (K, 1)
     scores, query_scores = route_cache["scores"][..., :n], route_cache["query_scores"][..., :n]  # (B, Hr, K, n)
     if cfg.membership == "nearest":
         keys = scores.argmax(axis=2)[:, :, None, :] == clusters  # (B, Hr, n) -> (B, Hr, K, n)
@@ -182,9 +185,8 @@ def _members(route_cache, t, cfg):
     W = min(cfg.window_size, n)  # as model.block does for a short window
 
     def top_w(s):  # (B, Hr, K, n) -> (B, Hr, K, n) bool: is each position among its cluster's W best
-        member = np.zeros(s.shape, bool)
-        np.put_along_axis(member, kmeans.top_w_reference(s, W), True, axis=-1)
-        return member
+        windows = kmeans.top_w_reference(s, W)  # (B, Hr, K, W) positions
+        return (windows[..., :, None] == xp.arange(n)).any(axis=-2)  # (B, Hr, K, W, n) -> (B, Hr, K, n)
 
     keys = top_w(scores)
     query = keys[..., t] if cfg.shared_qk else top_w(query_scores)[..., t]  # (B, Hr, K)
@@ -199,17 +201,17 @@ def _routing_step(q_logit, scale, route_cache, t, mem_kv, cfg):
     :func:`rt_numpy.attention.cluster_attention_reference`, the output is the sum
     over the query's clusters divided by (their number + combine_eps).
     """
-    n = t + 1
+    n, xp = t + 1, backend.get_array_module(q_logit)
     keys, values = route_cache["k"][:, :, :n], route_cache["v"][:, :, :n]  # (B, Hr, n, D)
     in_cluster, query_in = _members(route_cache, t, cfg)  # (B, Hr, K, n), (B, Hr, K)
-    self_mask = (np.arange(n) == t)[None] if cfg.self_attend == "last_resort" else None  # (1, n)
+    self_mask = (xp.arange(n) == t)[None] if cfg.self_attend == "last_resort" else None  # (1, n)
     logits = attention.masked_logits(q_logit, keys, scale=scale, self_mask=self_mask)  # (B, Hr, 1, n)
-    logits = np.broadcast_to(logits, in_cluster.shape)  # (B, Hr, K, n): one row per cluster
+    logits = xp.broadcast_to(logits, in_cluster.shape)  # (B, Hr, K, n): one row per cluster
     visible = in_cluster
     if mem_kv is not None:  # each cluster's memory key goes first, always visible
         memory = ops.scale(ops.matmul(q_logit, ops.transpose(mem_kv[0], (0, 2, 1))), scale)  # (B, Hr, 1, K)
-        logits = np.concatenate([memory[:, :, 0, :, None], logits], axis=-1)  # (B, Hr, K, 1 + n)
-        visible = np.concatenate([np.ones(memory[:, :, 0, :, None].shape, bool), visible], axis=-1)
+        logits = xp.concatenate([memory[:, :, 0, :, None], logits], axis=-1)  # (B, Hr, K, 1 + n)
+        visible = xp.concatenate([xp.ones(memory[:, :, 0, :, None].shape, bool), visible], axis=-1)
     probs = ops.softmax(logits, mask=visible)  # (B, Hr, K, [1 +] n)
     if mem_kv is not None:
         out = probs[..., :1] * mem_kv[1][None] + ops.matmul(probs[..., 1:], values)  # (B, Hr, K, D)
