@@ -78,7 +78,7 @@ def inexact_reason(cfg):
     return None
 
 
-def _check_rule(cfg, rule):
+def check_rule(cfg, rule):
     """``rule`` is allowed for ``cfg``: "exact" needs an exact cache, "prefix" needs routing heads' kind "routing"."""
     _checks.choice("rule", rule, RULES)
     reason = inexact_reason(cfg)
@@ -314,7 +314,7 @@ def prefill(params, cfg, kmeans_states, ids, *, rule="exact", impl="auto"):
 
     Returns ``(logits (B, V), cache)``.
     """
-    _check_rule(cfg, rule)
+    check_rule(cfg, rule)
     B, n = ids.shape
     if not 1 <= n <= cfg.seq_len:
         raise ValueError(f"ids must have 1 <= n <= seq_len={cfg.seq_len} tokens, got n={n}")
@@ -346,7 +346,7 @@ def decode_logits(params, cfg, kmeans_states, ids, *, rule="exact", impl="auto")
     ``rule="prefix"`` on a balanced model they are the prefix rule's, whose
     held-out bits/byte ``bench/decode_gap.py`` compares with the full recompute.
     """
-    _check_rule(cfg, rule)
+    check_rule(cfg, rule)
     B, n = ids.shape
     xp = backend.get_array_module(params["wte"])
     cache = _empty_cache(cfg, B, xp, np.dtype(cfg.dtype))

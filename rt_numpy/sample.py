@@ -277,7 +277,7 @@ def _use_cache(cfg, cache, decode_rule):
         if cache is False:
             raise ValueError("cache=False cannot run decode_rule='prefix': the prefix rule keeps each "
                              "position's keys and values as they were when it was the newest, which is a cache")
-        cache_lib._check_rule(cfg, "prefix")
+        cache_lib.check_rule(cfg, "prefix")
         return True
     reason = cache_lib.inexact_reason(cfg)
     if cache is True and reason is not None:
