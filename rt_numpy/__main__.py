@@ -255,7 +255,7 @@ def held_out_prompt(corpus):
     whole = [d for d in docs if bytes(d[:len(marker)]) == marker] or docs  # docs[0] is the tail of a cut one
     lines = bytes(whole[0][:PROMPT_MAX_BYTES]).split(b"\n")[:PROMPT_LINES]
     text = data.decode(np.frombuffer(b"\n".join(lines) + b"\n", np.uint8))
-    return text, f"the first {len(lines)} lines of a held-out document (test split of {corpus!r})"
+    return text, f"the first {len(lines)} lines of a held-out document (test split)"
 
 
 def readable(text):

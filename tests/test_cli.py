@@ -229,6 +229,23 @@ def test_ctrl_c_prints_one_line_and_exits_130(error, line, capsys, monkeypatch):
     assert code == 130 and err == line + "\n"
 
 
+def test_ctrl_c_during_training_names_the_saved_checkpoint(tmp_path, capsys, monkeypatch):
+    """The real loop: train.train saves the last completed step and raises train.Interrupted."""
+    real_step, calls = train.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second step
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+    code, _, err = run(["train", "--steps", "3", "--out", str(tmp_path), "--impl", "ref", "--no-progress"], capsys)
+    assert code == 130
+    assert err == f"rt_numpy train: interrupted at step 1; checkpoint saved: {tmp_path / 'checkpoint'}\n"
+    assert train.load_checkpoint(tmp_path / "checkpoint")["step"] == 1
+
+
 # --------------------------------------------------------------------------- the demo's sample
 def test_held_out_prompt_is_fixed_and_from_the_test_split():
     text, where = cli.held_out_prompt("python")
