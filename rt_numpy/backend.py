@@ -41,6 +41,8 @@ import threading
 
 import numpy as np
 
+from rt_numpy import runtime
+
 IMPLS = ("auto", "ref", "numba", "cupy")
 DEVICES = ("cpu", "gpu")
 FORCE_REF_ENV = "RT_NUMPY_FORCE_REF"
@@ -171,10 +173,12 @@ def use_impl(impl: str = "auto", xp=np):
     resolved = resolve_impl(impl, xp)
     outer = getattr(_local, "impl", None)
     _local.impl = resolved
+    runtime.start_of_compile_block()  # the first-run compile notice ends with the outermost block
     try:
         yield resolved
     finally:
         _local.impl = outer
+        runtime.end_of_compile_block()
 
 
 @contextlib.contextmanager

@@ -33,6 +33,14 @@ variable is unset (it acts only if NumPy was not loaded yet), and
 allocator setting is made by :func:`configure_process`, which the ``rt_numpy``
 command line and the ``bench/`` scripts call because they own their process.
 A library user may call it too.
+
+The first-run compile notice
+----------------------------
+With an empty Numba cache the first training step compiles every kernel it
+uses (tens of seconds on a small machine); :func:`watch_compilation` says so
+on stderr, once per process, and how long it took, in a terminal and in a
+notebook alike.  Nothing is printed when the kernels load from the cache.
+``RT_NUMPY_QUIET_COMPILE=1`` or ``set_compile_notice(False)`` silences it.
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ import ctypes.util
 import os
 import platform
 import sys
+import time
 
 OPENBLAS_TIMEOUT = "20"  # 2^20 cycles
 NUMBA_LAYER = "workqueue"
@@ -114,3 +123,90 @@ def configure_process():
     settings = set_thread_defaults()
     settings["reuse_freed_memory"] = reuse_freed_memory()
     return settings
+
+
+# --------------------------------------------------------------------------- the first-run compile notice
+QUIET_COMPILE_ENV = "RT_NUMPY_QUIET_COMPILE"
+_KERNEL_MODULES = "rt_numpy.kernels."
+_notice = {"enabled": True, "listening": False, "announced": False, "depth": 0, "seconds": 0.0,
+           "pending": False, "blocks": 0}
+
+
+def set_compile_notice(enabled: bool):
+    """Say (True, the default) or do not say on stderr when rt_numpy's Numba kernels compile.
+
+    The notice can also be silenced by setting ``RT_NUMPY_QUIET_COMPILE=1``.
+
+    Raises
+    ------
+    TypeError
+        ``enabled`` is not a bool.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _notice["enabled"] = enabled
+
+
+def _notice_wanted() -> bool:
+    quiet = os.environ.get(QUIET_COMPILE_ENV, "").strip().lower()
+    return _notice["enabled"] and quiet in ("", "0", "false", "no")
+
+
+def _cache_dir() -> str:
+    import numba
+
+    return numba.config.CACHE_DIR or "__pycache__ next to rt_numpy/kernels"
+
+
+def watch_compilation():
+    """Listen (once per process) for Numba compiling one of rt_numpy's kernels.
+
+    Numba fires its ``numba:compile`` event only when a kernel is really
+    compiled, not when it is loaded from the cache, so a run whose kernels
+    are all cached says nothing.  The first compile of the process prints
+    ``rt_numpy: compiling Numba kernels for float32 (first run only; cached in
+    DIR) ...`` on stderr; :func:`end_of_compile_block` prints how long it took.
+    Called when a kernel module is imported (rt_numpy/kernels/numba_*.py).
+    """
+    if _notice["listening"]:
+        return
+    from numba.core import event
+
+    class KernelCompileListener(event.Listener):
+        def on_start(self, ev):
+            _notice["depth"] += 1
+            if _notice["depth"] == 1:  # the outermost compile: the callee kernels compile inside it
+                _notice["kernel"] = ev.data["dispatcher"].py_func.__module__.startswith(_KERNEL_MODULES)
+                _notice["start"] = time.perf_counter()
+                if _notice["kernel"] and not _notice["announced"] and _notice_wanted():
+                    dtypes = sorted({str(a.dtype) for a in ev.data["args"]  # the data's, not the indices'
+                                     if str(getattr(a, "dtype", "")).startswith("float")})
+                    print(f"rt_numpy: compiling Numba kernels for {' and '.join(dtypes) or 'integers'} "
+                          f"(first run only; cached in {_cache_dir()}) ...", file=sys.stderr, flush=True)
+                    _notice["announced"] = _notice["pending"] = True
+
+        def on_end(self, ev):
+            _notice["depth"] -= 1
+            if _notice["depth"] == 0 and _notice["kernel"]:
+                _notice["seconds"] += time.perf_counter() - _notice["start"]
+                if _notice["blocks"] == 0:  # a kernel called directly, outside any rt_numpy function
+                    end_of_compile_block()
+
+    event.register("numba:compile", KernelCompileListener())
+    _notice["listening"] = True
+
+
+def start_of_compile_block():
+    """Entered by :func:`rt_numpy.backend.use_impl`: compiles inside are summed until the outermost block ends."""
+    _notice["blocks"] += 1
+
+
+def end_of_compile_block():
+    """Left by :func:`rt_numpy.backend.use_impl`: after the outermost block, ``rt_numpy: ... Numba
+    kernels compiled in 7.3 s`` on stderr if the compile notice was printed and not yet finished."""
+    _notice["blocks"] = max(0, _notice["blocks"] - 1)
+    if _notice["blocks"] == 0 and _notice["pending"]:
+        _notice["pending"] = False
+        if _notice_wanted():
+            print(f"rt_numpy: ... Numba kernels compiled in {_notice['seconds']:.1f} s", file=sys.stderr,
+                  flush=True)

@@ -71,3 +71,39 @@ def test_configure_process_reports_every_setting():
     settings = runtime.configure_process()
     assert set(settings) == {"OPENBLAS_THREAD_TIMEOUT", "NUMBA_THREADING_LAYER", "reuse_freed_memory"}
     assert settings["reuse_freed_memory"] is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+# ----------------------------------------------------------------- the first-run compile notice
+NOTICE_SCRIPT = ("import numpy as np\n"
+                 "from rt_numpy.kernels import numba_scatter\n"
+                 "out = np.zeros((2, 3), np.float32)\n"
+                 "numba_scatter.add_rows_at(out, np.array([1, 1]), np.ones((2, 3), np.float32))\n"
+                 "assert out[1, 0] == 2 and out[0, 0] == 0\n")
+
+
+def _run_notice(cache_dir, **extra_env):
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("NUMBA_DISABLE_JIT", runtime.QUIET_COMPILE_ENV)}  # really compile, and say so
+    env.update(NUMBA_CACHE_DIR=str(cache_dir), **extra_env)
+    done = subprocess.run([sys.executable, "-c", NOTICE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_compile_notice_on_the_first_run_only(tmp_path):
+    first = _run_notice(tmp_path)
+    assert f"rt_numpy: compiling Numba kernels for float32 (first run only; cached in {tmp_path}) ..." in first
+    assert "Numba kernels compiled in" in first
+    assert first.count("compiling Numba kernels") == 1
+    second = _run_notice(tmp_path)  # the same cache: everything loads, nothing compiles
+    assert "rt_numpy:" not in second
+
+
+def test_compile_notice_can_be_silenced(tmp_path):
+    assert "rt_numpy:" not in _run_notice(tmp_path, **{runtime.QUIET_COMPILE_ENV: "1"})
+    with pytest.raises(TypeError, match="enabled"):
+        runtime.set_compile_notice("no")
+    runtime.set_compile_notice(False)
+    assert not runtime._notice_wanted()
+    runtime.set_compile_notice(True)

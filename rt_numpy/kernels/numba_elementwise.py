@@ -34,7 +34,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from rt_numpy import runtime
 from rt_numpy.kernels.numba_exp import exp_nonpositive
+
+runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
 
 GELU_C = math.sqrt(2.0 / math.pi)  # the same constants as rt_numpy.ops
 GELU_A = 0.044715

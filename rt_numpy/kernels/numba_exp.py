@@ -35,6 +35,10 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from rt_numpy import runtime
+
+runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
+
 INV_LN2 = 1.4426950408889634  # 1 / ln 2
 # ln 2 = LN2_HI + LN2_LO; LN2_HI has at most 32 significant bits (float64) or 9 (float32).
 LN2_HI_64, LN2_LO_64 = 0.6931471803691238, 1.9082149292705877e-10

@@ -29,6 +29,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from rt_numpy import runtime
+
+runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
+
 
 @njit(cache=True)
 def _accumulate(assignments, x, sums, counts):

@@ -27,6 +27,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from rt_numpy import runtime
+
+runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
+
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _mean_of_product(u, v, shift_u, shift_v):

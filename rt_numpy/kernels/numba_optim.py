@@ -19,6 +19,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from rt_numpy import runtime
+
+runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
+
 
 @njit(cache=True, parallel=True)
 def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps, lr, keep,

@@ -42,14 +42,15 @@ How they are fast without ``fastmath``:
   partial results, one per vector lane, added in a fixed order at the end;
   the exponential is :func:`rt_numpy.kernels.numba_exp.exp_nonpositive`,
   which vectorises, where ``math.exp`` is a library call per number.
-* Threads (``prange``) never split the sum at one position, so the result is
-  bitwise the same from run to run, for any number of threads, without
-  atomics.  With many heads (``"by_head"``), each thread takes whole (b, h)
-  pairs and adds each finished cluster into the output in the order (c, r).
-  With few heads (``"by_cluster"``), each thread takes whole clusters and
-  writes their rows into a (B, H, K, W, D) buffer; a second, serial pass adds
-  the buffers into positions in the same order (c, r).  Both give the same
-  bits.  Either way a call opens one parallel region.
+* Threads never split the sum at one position, so the result is bitwise the
+  same from run to run, for any number of threads, without atomics.  The
+  kernels are serial and release the interpreter lock; Python threads call
+  them once per task (:mod:`rt_numpy.kernels.numba_threads`: a ``prange``
+  wrapper doubled the compile time).  With many heads (``"by_head"``), a task
+  is a whole (b, h) pair whose finished clusters are added into its output in
+  the order (c, r).  With few heads (``"by_cluster"``), a task is one cluster
+  whose rows go into a (B, H, K, W, D) buffer; a second, serial pass adds the
+  buffers into positions in the same order (c, r).  Both give the same bits.
 * The small helpers are compiled into the kernel that calls them
   (``inline="always"``).  A call of a separately compiled helper updates the
   reference count of each array view it receives or makes (an atomic
@@ -78,12 +79,16 @@ from collections import namedtuple
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+from rt_numpy import runtime
 from rt_numpy.kernels import (
     SELF_LOGIT,  # the "last resort" self logit (docs/algorithm.md#14-attention-inside-a-cluster)
+    numba_threads,
 )
 from rt_numpy.kernels.numba_exp import exp_nonpositive
+
+runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
 
 # The threading layer (workqueue unless NUMBA_THREADING_LAYER is set) is chosen by
 # rt_numpy.runtime (docs/design.md#process-wide-settings).
@@ -443,26 +448,14 @@ def _divide_rows(x, denominators):
             row[d] = row[d] / denominator
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _cluster_of(i, H, K):
-    """``(b, h, c)`` of the i-th cluster when clusters are numbered b-major: i = (b H + h) K + c."""
-    return i // (H * K), (i // K) % H, i % K
+@njit(cache=True, error_model="numpy", nogil=True)
+def _one_cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self_logit, shared, out):
+    """:func:`_cluster_forward` with its own scratch: q, k, v (T, D) of one (b, h), out (W, D)."""
+    tiles = _cluster_scratch(query_window.shape[0], q.shape[1], q.dtype)
+    _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self_logit, shared, out, tiles)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _forward_by_cluster(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, shared,
-                        cluster_out):
-    """Every cluster's (W, D) output into ``cluster_out`` (B, H, K, W, D), one cluster per thread."""
-    B, H, K, W = query_windows.shape
-    D = q.shape[3]
-    for i in prange(B * H * K):
-        b, h, c = _cluster_of(i, H, K)
-        tiles = _cluster_scratch(W, D, q.dtype)
-        _cluster_forward(q[b, h], k[b, h], v[b, h], query_windows[b, h, c], key_windows[b, h, c],
-                         scale, last_resort, self_logit, shared, cluster_out[b, h, c], tiles)
-
-
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _scatter_mean(cluster_out, query_windows, denominators, out):
     """``out[t] = (sum of the cluster rows at position t) / denominators[t]``.
 
@@ -478,23 +471,20 @@ def _scatter_mean(cluster_out, query_windows, denominators, out):
             _divide_rows(out[b, h], denominators[b, h])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _forward_by_head(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, shared,
-                     denominators, out):
-    """One (b, h) per thread: its clusters in order, each added into ``out`` (B, H, T, D, zeroed)
-    as soon as it is done, then the division by ``denominators`` (B, H, T)."""
-    B, H, K, W = query_windows.shape
-    D = q.shape[3]
-    for i in prange(B * H):
-        b = i // H
-        h = i % H
-        tiles = _cluster_scratch(W, D, q.dtype)
-        rows = np.empty((W, D), dtype=q.dtype)
-        for c in range(K):
-            _cluster_forward(q[b, h], k[b, h], v[b, h], query_windows[b, h, c], key_windows[b, h, c],
-                             scale, last_resort, self_logit, shared, rows, tiles)
-            _add_rows_at(rows, query_windows[b, h, c], out[b, h])
-        _divide_rows(out[b, h], denominators[b, h])
+@njit(cache=True, error_model="numpy", nogil=True)
+def _head_forward(q, k, v, query_windows, key_windows, scale, last_resort, self_logit, shared, denominators,
+                  out):
+    """Every cluster of one (b, h), in order, each added into ``out`` (T, D, zeroed) as soon as it
+    is done, then the division by ``denominators`` (T,): q, k, v (T, D), windows (K, W)."""
+    K, W = query_windows.shape
+    D = q.shape[1]
+    tiles = _cluster_scratch(W, D, q.dtype)
+    rows = np.empty((W, D), dtype=q.dtype)
+    for c in range(K):
+        _cluster_forward(q, k, v, query_windows[c], key_windows[c], scale, last_resort, self_logit, shared,
+                         rows, tiles)
+        _add_rows_at(rows, query_windows[c], out)
+    _divide_rows(out, denominators)
 
 
 # --------------------------------------------------------------------------- backward
@@ -570,21 +560,16 @@ def _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale,
         _copy_rows(block_out, dv_out[s0:s0 + rows], rows)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, scale, last_resort, self_logit,
-                         shared, dq_clusters, dk_clusters, dv_clusters):
-    """Every cluster's gradient rows into the (B, H, K, W, D) buffers, one cluster per thread."""
-    B, H, K, W = query_windows.shape
-    D = q.shape[3]
-    for i in prange(B * H * K):
-        b, h, c = _cluster_of(i, H, K)
-        tiles = _cluster_scratch(W, D, q.dtype)
-        _cluster_backward(g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h], query_windows[b, h, c],
-                          key_windows[b, h, c], scale, last_resort, self_logit, shared, dq_clusters[b, h, c],
-                          dk_clusters[b, h, c], dv_clusters[b, h, c], tiles)
+@njit(cache=True, error_model="numpy", nogil=True)
+def _one_cluster_backward(g, denominators, q, k, v, query_window, key_window, scale, last_resort, self_logit,
+                          shared, dq_out, dk_out, dv_out):
+    """:func:`_cluster_backward` with its own scratch: g, q, k, v (T, D) of one (b, h)."""
+    tiles = _cluster_scratch(query_window.shape[0], q.shape[1], q.dtype)
+    _cluster_backward(g, denominators, q, k, v, query_window, key_window, scale, last_resort, self_logit,
+                      shared, dq_out, dk_out, dv_out, tiles)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy", nogil=True)
 def _scatter_rows(cluster_rows, windows, out):
     """``out[b, h, windows[b, h, c, r]] += cluster_rows[b, h, c, r]`` in the order (b, h, c, r)."""
     B, H, K, W = windows.shape
@@ -594,43 +579,24 @@ def _scatter_rows(cluster_rows, windows, out):
                 _add_rows_at(cluster_rows[b, h, c], windows[b, h, c], out[b, h])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key_windows, shared, dq, dk, dv):
-    """Add the cluster gradient rows into positions in the order (c, r), as :func:`_scatter_mean`
-    does; dq, dk and dv are independent, so they go to different threads (with ``shared``, dk is
-    already in dq)."""
-    for which in prange(3):
-        if which == 0:
-            _scatter_rows(dq_clusters, query_windows, dq)
-        elif which == 1:
-            if not shared:
-                _scatter_rows(dk_clusters, key_windows, dk)
-        else:
-            _scatter_rows(dv_clusters, key_windows, dv)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _backward_by_head(g, denominators, q, k, v, query_windows, key_windows, scale, last_resort, self_logit,
-                      shared, dq, dk, dv):
-    """One (b, h) per thread: its clusters in order, each added into dq, dk, dv (zeroed) when done
-    (with ``shared``, dk is already in dq)."""
-    B, H, K, W = query_windows.shape
-    D = q.shape[3]
-    for i in prange(B * H):
-        b = i // H
-        h = i % H
-        tiles = _cluster_scratch(W, D, q.dtype)
-        dq_rows = np.empty((W, D), dtype=q.dtype)
-        dk_rows = np.empty((W, D), dtype=q.dtype)
-        dv_rows = np.empty((W, D), dtype=q.dtype)
-        for c in range(K):
-            _cluster_backward(g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h], query_windows[b, h, c],
-                              key_windows[b, h, c], scale, last_resort, self_logit, shared, dq_rows, dk_rows,
-                              dv_rows, tiles)
-            _add_rows_at(dq_rows, query_windows[b, h, c], dq[b, h])
-            if not shared:
-                _add_rows_at(dk_rows, key_windows[b, h, c], dk[b, h])
-            _add_rows_at(dv_rows, key_windows[b, h, c], dv[b, h])
+@njit(cache=True, error_model="numpy", nogil=True)
+def _head_backward(g, denominators, q, k, v, query_windows, key_windows, scale, last_resort, self_logit, shared,
+                   dq, dk, dv):
+    """Every cluster of one (b, h), in order, each added into dq, dk, dv (T, D, zeroed) when done
+    (with ``shared``, dk is already in dq): g, q, k, v (T, D), windows (K, W)."""
+    K, W = query_windows.shape
+    D = q.shape[1]
+    tiles = _cluster_scratch(W, D, q.dtype)
+    dq_rows = np.empty((W, D), dtype=q.dtype)
+    dk_rows = np.empty((W, D), dtype=q.dtype)
+    dv_rows = np.empty((W, D), dtype=q.dtype)
+    for c in range(K):
+        _cluster_backward(g, denominators, q, k, v, query_windows[c], key_windows[c], scale, last_resort,
+                          self_logit, shared, dq_rows, dk_rows, dv_rows, tiles)
+        _add_rows_at(dq_rows, query_windows[c], dq)
+        if not shared:
+            _add_rows_at(dk_rows, key_windows[c], dk)
+        _add_rows_at(dv_rows, key_windows[c], dv)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -742,11 +708,15 @@ def forward(q, k, v, query_windows, key_windows, scale, last_resort, eps, *, sch
     denominators = _denominators(query_windows, T, eps, dtype)  # (B, H, T)
     constants = (dtype.type(scale), bool(last_resort), dtype.type(SELF_LOGIT), shared)
     out = np.zeros_like(q)
-    if _schedule(schedule, B, H) == "by_head":
-        _forward_by_head(q, k, v, query_windows, key_windows, *constants, denominators, out)
-    else:
+    if _schedule(schedule, B, H) == "by_head":  # one task per (b, h), into its own slice of out
+        numba_threads.run(_head_forward, [(q[b, h], k[b, h], v[b, h], query_windows[b, h], key_windows[b, h],
+                                           *constants, denominators[b, h], out[b, h])
+                                          for b in range(B) for h in range(H)])
+    else:  # one task per cluster, into its own rows of the buffer; then the scatter-mean, serial
         cluster_out = np.empty((B, H, K, W, D), dtype=dtype)
-        _forward_by_cluster(q, k, v, query_windows, key_windows, *constants, cluster_out)
+        numba_threads.run(_one_cluster_forward, [(q[b, h], k[b, h], v[b, h], query_windows[b, h, c],
+                                                  key_windows[b, h, c], *constants, cluster_out[b, h, c])
+                                                 for b in range(B) for h in range(H) for c in range(K)])
         _scatter_mean(cluster_out, query_windows, denominators, out)
     return out
 
@@ -783,12 +753,19 @@ def backward(g, q, k, v, query_windows, key_windows, scale, last_resort, eps, *,
     constants = (dtype.type(scale), bool(last_resort), dtype.type(SELF_LOGIT), shared)
     dq, dv = np.zeros_like(q), np.zeros_like(q)
     dk = dq if shared else np.zeros_like(q)  # with shared QK the kernels never write dk
-    if _schedule(schedule, B, H) == "by_head":
-        _backward_by_head(g, denominators, q, k, v, query_windows, key_windows, *constants, dq, dk, dv)
-    else:
+    if _schedule(schedule, B, H) == "by_head":  # one task per (b, h), into its own slices of dq, dk, dv
+        numba_threads.run(_head_backward, [(g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h],
+                                            query_windows[b, h], key_windows[b, h], *constants, dq[b, h],
+                                            dk[b, h], dv[b, h]) for b in range(B) for h in range(H)])
+    else:  # one task per cluster into its rows of the buffers; then dq, dk, dv filled, one task each
         dq_clusters, dv_clusters = (np.empty((B, H, K, W, D), dtype=dtype) for _ in range(2))  # each cluster's rows
         dk_clusters = dq_clusters if shared else np.empty_like(dq_clusters)
-        _backward_by_cluster(g, denominators, q, k, v, query_windows, key_windows, *constants,
-                             dq_clusters, dk_clusters, dv_clusters)
-        _scatter_gradients(dq_clusters, dk_clusters, dv_clusters, query_windows, key_windows, shared, dq, dk, dv)
+        numba_threads.run(_one_cluster_backward, [
+            (g[b, h], denominators[b, h], q[b, h], k[b, h], v[b, h], query_windows[b, h, c], key_windows[b, h, c],
+             *constants, dq_clusters[b, h, c], dk_clusters[b, h, c], dv_clusters[b, h, c])
+            for b in range(B) for h in range(H) for c in range(K)])
+        scatters = [(dq_clusters, query_windows, dq), (dv_clusters, key_windows, dv)]
+        if not shared:  # with shared QK, dk is already in dq
+            scatters.append((dk_clusters, key_windows, dk))
+        numba_threads.run(_scatter_rows, scatters)
     return dq, (None if shared else dk), dv

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from numba import njit
 
+from rt_numpy import runtime
+
+runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
+
 
 @njit(cache=True)
 def add_rows_at(out, rows, y):
