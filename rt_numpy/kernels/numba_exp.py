@@ -94,8 +94,13 @@ def exp_nonpositive(x):
     """``e^x`` for ``x <= 0`` (or -inf), in the type of x (float32 or float64).
 
     In compiled code the version for x's type is chosen when the caller is
-    compiled (the ``overload`` below); called from Python, here.
+    compiled (the ``overload`` below), and nothing is checked there (the
+    callers pass ``logit - max``); called from Python, here, and a positive x
+    raises ValueError.  ``exp_nonpositive_float32`` / ``_float64`` do not check
+    either: for x > 0 they return a wrong number.
     """
+    if x > 0:
+        raise ValueError(f"x must be <= 0 (or -inf), got {x!r}")
     if isinstance(x, np.float32):
         return exp_nonpositive_float32(x)
     return exp_nonpositive_float64(np.float64(x))
