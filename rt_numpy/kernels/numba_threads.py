@@ -60,3 +60,17 @@ def run(kernel, tasks):
     futures = [_executor().submit(kernel, *args) for args in tasks]
     for future in futures:
         future.result()
+
+
+def spans(n, min_size=1 << 14):
+    """``[(start, stop), ...]`` cutting ``range(n)`` into at most ``numba.get_num_threads()`` runs.
+
+    Each run but the last has the same length, at least ``min_size`` (fewer
+    runs when n is small: a task costs a few microseconds to hand out), and the
+    runs cover ``range(n)`` in order.  ``n = 0`` gives no run.
+    """
+    if n <= 0:
+        return []
+    parts = max(1, min(numba.get_num_threads(), n // max(1, min_size)))
+    step = -(-n // parts)  # ceil(n / parts)
+    return [(start, min(n, start + step)) for start in range(0, n, step)]

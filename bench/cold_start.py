@@ -1,0 +1,115 @@
+"""Benchmark: seconds from the command to the end of the first training step, cold and warm Numba cache.
+
+    python bench/cold_start.py [--json PATH] [--quick] [--repeats N]
+
+For each preset (``tiny`` and ``small``; ``--quick``: ``tiny`` only) a fresh
+interpreter runs what ``python -m rt_numpy train --preset P`` runs before its
+first step, then that step, and exits: ``import rt_numpy.train``, the corpus
+loaded and split, ``init_params`` / ``init_kmeans`` / ``adamw_init``, one
+``train.train_step`` on a random batch (impl ``"auto"``).  It runs twice with
+one new ``NUMBA_CACHE_DIR``: **cold** (the cache is empty, every kernel the
+step uses compiles) and **warm** (everything loads from that cache).  Wall time
+is measured by this process around the child; CPU time is the child's user +
+system time (``resource.getrusage``), which a machine shared with other work
+inflates less than the wall time.  The child also reports when each phase
+ended, and whether it printed the compile notice (rt_numpy/runtime.py).
+
+With ``--repeats N`` each (preset, pass) runs N times (each cold run with its
+own empty cache) and the medians are quoted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bench_parser, machine_line, print_table, record, write_json  # noqa: E402
+
+PHASES = ("import", "corpus", "init", "first_step")
+
+# The child: the training command's work up to the end of its first step, timing each phase.
+CHILD = """
+import json, sys, time
+wall0, cpu0 = time.perf_counter(), time.process_time()
+marks = {}
+def mark(name):
+    marks[name] = {"wall": time.perf_counter() - wall0, "cpu": time.process_time() - cpu0}
+from rt_numpy import data, model, optim, runtime, train
+runtime.configure_process()
+import numpy as np
+mark("import")
+cfg, tcfg = train.PRESETS[sys.argv[1]]
+corpus = data.split(data.load_corpus(tcfg.corpus)[0])
+mark("corpus")
+rng = np.random.default_rng(tcfg.seed)
+params = model.init_params(cfg, rng)
+kmeans_states = model.init_kmeans(cfg, rng)
+opt_state = optim.adamw_init(params)
+mark("init")
+x, y = data.random_batches(corpus["train"], tcfg.batch_size, cfg.seq_len, rng)
+train.train_step(params, opt_state, kmeans_states, x, y, cfg, tcfg, 0, rng)
+mark("first_step")
+print(json.dumps(marks))
+"""
+
+
+def run_child(preset, cache_dir):
+    """One child run: (wall s, CPU s, phase marks, notice printed?)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    env.pop("NUMBA_DISABLE_JIT", None)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", CHILD, preset], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {preset} child failed:\n{done.stderr}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    marks = json.loads(done.stdout.strip().splitlines()[-1])
+    return wall, cpu, marks, "compiling Numba kernels" in done.stderr
+
+
+def main():
+    parser = bench_parser(__doc__, quick_help="the tiny preset only")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per (preset, pass); medians quoted")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    machine = machine_line()
+    print(machine)
+    presets = ["tiny"] if args.quick else ["tiny", "small"]
+    records, rows = [], []
+    for preset in presets:
+        runs = {"cold": [], "warm": []}
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory(prefix="rt_numpy_numba_cache_") as cache_dir:
+                runs["cold"].append(run_child(preset, cache_dir))
+                runs["warm"].append(run_child(preset, cache_dir))
+        for kind, results in runs.items():
+            wall = float(np.median([r[0] for r in results]))
+            cpu = float(np.median([r[1] for r in results]))
+            phases = {p: float(np.median([r[2][p]["wall"] for r in results])) for p in PHASES}
+            case = {"task": preset, "pass": kind}
+            record(records, "rt_numpy-numba", case, "seconds_to_first_step", wall, "s")
+            record(records, "rt_numpy-numba", case, "cpu_seconds_to_first_step", cpu, "s")
+            for p in PHASES:
+                record(records, "rt_numpy-numba", case, f"{p}_ends_at", phases[p], "s")
+            notice = "yes" if all(r[3] for r in results) else ("no" if not any(r[3] for r in results) else "mixed")
+            rows.append([preset, kind, f"{wall:.1f}", f"{cpu:.1f}", f"{phases['import']:.1f}",
+                         f"{phases['corpus'] - phases['import']:.1f}", f"{phases['init'] - phases['corpus']:.1f}",
+                         f"{phases['first_step'] - phases['init']:.1f}", notice])
+    print_table(["preset", "cache", "wall s", "CPU s", "import s", "corpus s", "init s", "first step s",
+                 "notice"], rows)
+    print(f"medians of {args.repeats} run(s); phases are wall seconds inside the child")
+    write_json(args.json, records, machine)
+
+
+if __name__ == "__main__":
+    main()
