@@ -297,7 +297,7 @@ def check_params(params, cfg):
     ``params['wte'] contains NaN``.  Looks through autograd boxes and works on
     CuPy arrays; the finiteness check is one sum per array
     (:func:`rt_numpy._checks.finite_arrays`), cheap next to a forward pass
-    (docs/design.md#reproducibility-and-entry-checks).
+    (docs/design.md#entry-checks).
     """
     params = getval(params)  # a dict, also when autograd differentiates the whole dict
     if not isinstance(params, dict):

@@ -24,6 +24,9 @@ Everything is float64 on a tiny model unless a test says otherwise.
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -521,3 +524,32 @@ def test_old_config_and_checkpoint_load_as_the_official_model(tmp_path):
     assert loaded["cfg"] == cfg and loaded["step"] == 3
     assert sorted(loaded["params"]) == sorted(params)
     assert all(np.array_equal(loaded["params"][n], params[n]) for n in params)
+
+
+SEEDED_RUN = """
+import hashlib
+import numpy as np
+from rt_numpy import model, optim, train
+cfg, tcfg = train.PRESETS["tiny"]
+rng = np.random.default_rng(5)
+params, states = model.init_params(cfg, rng), model.init_kmeans(cfg, rng)
+opt = optim.adamw_init(params)
+for step in range(3):
+    x, y = rng.integers(0, 256, (2, 2, cfg.seq_len))
+    params, opt, states, _ = train.train_step(params, opt, states, x, y, cfg, tcfg, step, rng)
+digest = hashlib.sha256()
+for name in sorted(params):
+    digest.update(params[name].tobytes())
+for layer in sorted(states):
+    digest.update(states[layer]["means"].tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_seeded_training_is_bitwise_equal_across_processes_at_one_blas_thread_count():
+    """docs/design.md#reproducibility: two fresh interpreters, one seed, the same OPENBLAS_NUM_THREADS
+    (2, so that BLAS may split its work) give the same bits, parameters and centroids."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
+    digests = [subprocess.run([sys.executable, "-c", SEEDED_RUN], env=env, capture_output=True, text=True,
+                              check=True, timeout=300).stdout.strip() for _ in range(2)]
+    assert len(digests[0]) == 64 and digests[0] == digests[1]
