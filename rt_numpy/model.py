@@ -449,6 +449,10 @@ def forward(params, ids, cfg, kmeans_states, *, rng=None, impl="auto", trace=Non
     ids_v = check_ids(ids, cfg)
     B, T = ids_v.shape
     key_mask = _checks.key_mask(key_mask, B, T)
+    if rng is not None:
+        _checks.generator("rng", rng)
+    if trace is not None and not isinstance(trace, dict):
+        raise TypeError(f"trace must be a dict or None, got {type(trace).__name__}")
     check_params(params, cfg)
     check_kmeans_states(kmeans_states, cfg)
     _checks.allocation(f"forward of ids {(B, T)} (num_clusters={cfg.num_clusters}, window_size={cfg.window_size}, "

@@ -98,6 +98,16 @@ def test_bad_ids_and_targets_of_loss(setup, ids, targets, error, match):
         model.loss(params, ids, ids if targets is None else targets, CFG, states)
 
 
+def test_forward_checks_rng_and_trace(setup):
+    params, states, ids = setup
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator, got 0"):
+        model.forward(params, ids, CFG, states, rng=0)
+    with pytest.raises(TypeError, match="trace must be a dict or None, got list"):
+        model.forward(params, ids, CFG, states, trace=[])
+    with pytest.raises(TypeError, match="cfg must be a model.Config, got dict"):
+        model.forward(params, ids, CFG.to_dict(), states)
+
+
 def test_entry_checks_look_through_autograd_and_name_the_parameter(setup):
     params, states, ids = setup
 
