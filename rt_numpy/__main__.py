@@ -45,6 +45,7 @@ import typing
 import numpy as np
 
 from rt_numpy import backend, data, kmeans, model, runtime, sample, train
+from rt_numpy import cache as cache_lib
 
 BAD_INPUT = (ValueError, TypeError, OSError, ImportError)
 """What the library raises for bad input (train.CheckpointError is a ValueError): reported in one line."""
@@ -279,8 +280,13 @@ def readable(text):
 def _generate(args, seed, params, cfg, kmeans_states, prompt):
     """The new text after ``prompt``, drawn with the sampling options of ``args`` from ``seed``."""
     ids = data.encode(prompt)[None].astype(np.int64)  # (1, n0)
+    cache = "auto" if args.cache is None else args.cache
+    if cache == "auto" and not sample.cache_is_exact(cfg):
+        print(f"sampling by full recompute: no exact key/value cache, because {cache_lib.inexact_reason(cfg)}",
+              file=sys.stderr)
     out = sample.generate(params, cfg, kmeans_states, ids, args.n_new, rng=np.random.default_rng(seed),
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, impl=args.impl)
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, impl=args.impl,
+                          cache=cache)
     return data.decode(out[0, ids.shape[1]:])  # (n_new,) bytes -> text
 
 
@@ -510,6 +516,10 @@ def sampling_arguments(p, seed=True):
                    help="in (0, 1] (default 0.95; 1: no nucleus filter)")
     if seed:
         p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="the key/value cache (docs/algorithm.md#9-generation-and-the-keyvalue-cache); default: on "
+                        "where it is exact (nearest membership or local heads only), off otherwise; --cache on a "
+                        "model where it is not exact is an error that says why")
 
 
 def build_parser():

@@ -10,7 +10,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 IMPLS = {"rt_numpy-ref", "rt_numpy-numba", "rt_numpy-cupy", "sklearn", "routing_transformer", "torch-sdpa", "numpy"}
 
 
-@pytest.mark.parametrize("script", ["kmeans.py", "recall.py", "arms.py"])
+@pytest.mark.parametrize("script", ["kmeans.py", "recall.py", "arms.py", "nearest.py", "generate.py", "decode_gap.py",
+                                    "cold_start.py"])
 def test_bench_quick_writes_records(script, tmp_path):
     out = tmp_path / "records.json"
     result = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--json", str(out)],

@@ -283,3 +283,23 @@ def test_sample_prints_a_given_prompt_apart_from_its_continuation(checkpoint, ca
     assert code == 0, err
     assert out.startswith("sample: 3 bytes, temperature 0.8, top-k None, top-p 0.95, seed 1\n---- prompt: --prompt ---")
     assert "\ndef \n---- continuation (continues the prompt's last line) ---" in out
+
+
+def test_sample_cache_follows_the_model_and_refuses_where_it_is_not_exact(checkpoint, capsys, monkeypatch):
+    used = []
+    real = sample.generate
+
+    def spy(*args, **kwargs):
+        used.append(kwargs["cache"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    base = ["sample", checkpoint, "--n-new", "3", "--prompt", "def ", "--impl", "ref"]
+    code, _, err = run(base, capsys)  # balanced routing: full recompute, and stderr says why
+    assert code == 0 and used == ["auto"] and "no exact key/value cache" in err and "balanced" in err
+    code, _, err = run(base + ["--cache"], capsys)
+    assert code == 2 and err.startswith("rt_numpy sample: error: ") and "cache" in err and "evict" in err
+    code, _, err = run(base + ["--set", "membership=nearest"], capsys)  # exact: the cache, silently
+    assert code == 0 and used[-1] == "auto" and "no exact key/value cache" not in err
+    code, _, err = run(base + ["--no-cache"], capsys)
+    assert code == 0 and used[-1] is False

@@ -533,7 +533,8 @@ print("head 0, share of the tokens per cluster over the last tenth of the run:",
 # tail of unlikely bytes that makes samples derail (exercise 3.3 writes it by hand). Each new byte
 # reruns the model on the whole window: with balanced routing, appending a token can change the
 # clusters of earlier ones, so their keys and values cannot be kept from the previous step
-# (`rt_numpy/sample.py` explains why there is no cache).
+# (docs/algorithm.md §9 shows such an eviction). A strictly causal model (`membership="nearest"`, or
+# local heads only) has no such problem, and `sample.generate` keeps its keys and values in a cache.
 
 # %%
 N_NEW = 60 if FAST else 200
