@@ -633,9 +633,9 @@ def plot_history(history, path):
 SMALL = model.Config(seq_len=256, width=128, n_layers=4, num_heads=4, n_route_heads=2, n_route_layers=2,
                      num_clusters=4, window_size=64, block_size=64)
 # A fixed number of steps and no time limit, so that the result does not depend on the machine's speed.
-# Runs of 1500 steps (same model, seed and corpus) reached held-out 2.69 bits/byte at step 500, 2.31 at 750,
-# 2.12 at 1000 and 1.95 at 1500, at 14k-18k tokens/s on an idle 2-core machine (CHANGELOG.md, 2026-11-28).
-# 1000 steps, whose schedule decays fully by step 1000, stay well under 2.5 and take about 4-5 minutes there.
+# A run of 1500 steps (same model, seed and corpus; 2026-12-03) reached held-out 2.67 bits/byte at step 500,
+# 2.14 at 1000 and 1.99 at 1300; earlier ones ran at 14k-18k tokens/s on an idle 2-core machine
+# (CHANGELOG.md, 2026-11-28).  1000 steps, whose schedule decays fully by step 1000, stay well under 2.5.
 SMALL_TRAIN = TrainConfig(steps=1000, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50, eval_every=250,
                           eval_batches=16)
 
