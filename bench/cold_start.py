@@ -102,10 +102,10 @@ def main():
             for p in PHASES:
                 record(records, "rt_numpy-numba", case, f"{p}_ends_at", phases[p], "s")
             notice = "yes" if all(r[3] for r in results) else ("no" if not any(r[3] for r in results) else "mixed")
-            rows.append([preset, kind, f"{wall:.1f}", f"{cpu:.1f}", f"{phases['import']:.1f}",
+            rows.append([f"{preset}, {kind} cache", f"{wall:.1f}", f"{cpu:.1f}", f"{phases['import']:.1f}",
                          f"{phases['corpus'] - phases['import']:.1f}", f"{phases['init'] - phases['corpus']:.1f}",
                          f"{phases['first_step'] - phases['init']:.1f}", notice])
-    print_table(["preset", "cache", "wall s", "CPU s", "import s", "corpus s", "init s", "first step s",
+    print_table(["case", "wall s", "CPU s", "import s", "corpus s", "init s", "first step s",
                  "notice"], rows)
     print(f"medians of {args.repeats} run(s); phases are wall seconds inside the child")
     write_json(args.json, records, machine)

@@ -517,9 +517,13 @@ def test_old_config_and_checkpoint_load_as_the_official_model(tmp_path):
     params, states, _, _ = setup(cfg)
     train.save_checkpoint(tmp_path / "old", params=params, opt_state=optim.adamw_init(params), kmeans_states=states,
                           step=3, rng=np.random.default_rng(0), cfg=cfg, tcfg=train.TrainConfig())
-    meta = json.loads((tmp_path / "old.json").read_text())
-    meta["model"] = {k: v for k, v in meta["model"].items() if k in old}  # the JSON's sha256 covers the .npz only
-    (tmp_path / "old.json").write_text(json.dumps(meta))
+    with np.load(tmp_path / "old.npz", allow_pickle=False) as npz:  # the metadata is inside the .npz
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(arrays[train.META_NAME].tobytes())
+    meta["model"] = {k: v for k, v in meta["model"].items() if k in old}
+    arrays[train.META_NAME] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)  # (n_bytes,)
+    np.savez(tmp_path / "old.npz", **arrays)
+    (tmp_path / "old.json").unlink()  # the readable copy is not needed to load
     loaded = train.load_checkpoint(tmp_path / "old", expect_model=cfg)
     assert loaded["cfg"] == cfg and loaded["step"] == 3
     assert sorted(loaded["params"]) == sorted(params)
