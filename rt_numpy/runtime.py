@@ -38,7 +38,8 @@ The first-run compile notice
 ----------------------------
 With an empty Numba cache the first training step compiles every kernel it
 uses (tens of seconds on a small machine); :func:`watch_compilation` says so
-on stderr, once per process, and how long it took, in a terminal and in a
+on stderr, once per call that compiles (the initial centroids' float64
+normalisation, then the first training step), and how long it took, in a terminal and in a
 notebook alike.  Nothing is printed when the kernels load from the cache.
 ``RT_NUMPY_QUIET_COMPILE=1`` or ``set_compile_notice(False)`` silences it.
 """
@@ -128,7 +129,7 @@ def configure_process():
 # --------------------------------------------------------------------------- the first-run compile notice
 QUIET_COMPILE_ENV = "RT_NUMPY_QUIET_COMPILE"
 _KERNEL_MODULES = "rt_numpy.kernels."
-_notice = {"enabled": True, "listening": False, "announced": False, "depth": 0, "seconds": 0.0,
+_notice = {"enabled": True, "listening": False, "depth": 0, "seconds": 0.0,
            "pending": False, "blocks": 0}
 
 
@@ -178,12 +179,13 @@ def watch_compilation():
             if _notice["depth"] == 1:  # the outermost compile: the callee kernels compile inside it
                 _notice["kernel"] = ev.data["dispatcher"].py_func.__module__.startswith(_KERNEL_MODULES)
                 _notice["start"] = time.perf_counter()
-                if _notice["kernel"] and not _notice["announced"] and _notice_wanted():
+                if _notice["kernel"] and not _notice["pending"] and _notice_wanted():
                     dtypes = sorted({str(a.dtype) for a in ev.data["args"]  # the data's, not the indices'
                                      if str(getattr(a, "dtype", "")).startswith("float")})
                     print(f"rt_numpy: compiling Numba kernels for {' and '.join(dtypes) or 'integers'} "
                           f"(first run only; cached in {_cache_dir()}) ...", file=sys.stderr, flush=True)
-                    _notice["announced"] = _notice["pending"] = True
+                    _notice["pending"] = True
+                    _notice["seconds"] = 0.0
 
         def on_end(self, ev):
             _notice["depth"] -= 1

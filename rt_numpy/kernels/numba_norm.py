@@ -15,8 +15,7 @@ The row sums are taken in float64 with four partial sums (so that they do not
 wait on each other), which is at least as accurate as NumPy's float32 mean;
 results agree with the readable formulas to rounding
 (``tests/test_elementwise_kernels.py``), not bit for bit.  Rows are
-independent (runs of rows go to different threads, :mod:`rt_numpy.kernels.numba_threads`),
-so the result does not depend on the number of threads.  The
+independent, so the result does not depend on the number of threads.  The
 row sums are compiled into the kernels (``inline="always"``): as separate
 functions, the reference counting of the row views they were passed made the
 kernels about 1.5x slower.  No ``fastmath``.  This module is a leaf: it imports numpy and numba only.
@@ -26,10 +25,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from rt_numpy import runtime
-from rt_numpy.kernels import numba_threads
 
 runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
 
@@ -68,10 +66,10 @@ def _mean(u):
     return ((a0 + a1) + (a2 + a3)) / D
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _forward(x, eps, out):
     """``out[r] = (x[r] - mean) / sqrt(var + eps)``: x, out (R, D)."""
-    for r in range(x.shape[0]):
+    for r in prange(x.shape[0]):
         row = x[r]
         o = out[r]
         centre = _mean(row)
@@ -80,10 +78,10 @@ def _forward(x, eps, out):
             o[j] = (row[j] - centre) * inverse
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, parallel=True, error_model="numpy")
 def _backward(x, y, g, eps, dx):
     """``dx[r] = (g[r] - mean(g[r]) - y[r] mean(g[r] y[r])) / sqrt(var(x[r]) + eps)``: all (R, D)."""
-    for r in range(x.shape[0]):
+    for r in prange(x.shape[0]):
         row = x[r]
         centre = _mean(row)
         inverse = 1.0 / math.sqrt(_mean_of_product(row, row, centre, centre) + eps)
@@ -105,17 +103,11 @@ def _rows(name, x, like=None):
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (..., D) -> (R, D)
 
 
-def _row_spans(rows):
-    """Runs of rows for the threads (:func:`rt_numpy.kernels.numba_threads.spans`), about 16k numbers or more each."""
-    return numba_threads.spans(rows.shape[0], max(1, (1 << 14) // max(1, rows.shape[1])))
-
-
 def layer_norm(x, eps):
     """Parameter-free layer norm over the last axis of a float NumPy array; same shape and dtype."""
     rows = _rows("x", x)
     out = np.empty_like(rows)
-    eps = float(eps)
-    numba_threads.run(_forward, [(rows[a:b], eps, out[a:b]) for a, b in _row_spans(rows)])
+    _forward(rows, float(eps), out)
     return out.reshape(x.shape)
 
 
@@ -123,6 +115,5 @@ def layer_norm_grad(x, y, g, eps):
     """The gradient of ``sum(layer_norm(x, eps) * g)`` with respect to x, given ``y = layer_norm(x, eps)``."""
     rows = _rows("x", x)
     dx = np.empty_like(rows)
-    y, g, eps = _rows("y", y, x), _rows("g", g, x), float(eps)
-    numba_threads.run(_backward, [(rows[a:b], y[a:b], g[a:b], eps, dx[a:b]) for a, b in _row_spans(rows)])
+    _backward(rows, _rows("y", y, x), _rows("g", g, x), float(eps), dx)
     return dx.reshape(x.shape)

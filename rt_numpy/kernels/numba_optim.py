@@ -8,8 +8,7 @@ rounded to that dtype first, as NumPy does with a Python scalar), and Numba
 does not fuse a multiply and an add without ``fastmath``, so the result is
 bitwise the reference's: ``tests/test_optim.py`` checks it, and bitwise resume
 from a checkpoint does not depend on which path ran.  Each element is
-independent (runs of elements go to different threads,
-:mod:`rt_numpy.kernels.numba_threads`), so the number of threads does not matter either.
+independent, so the number of threads does not matter either.
 
 This module is a leaf: it imports numpy and numba only.  No ``fastmath``.
 """
@@ -18,15 +17,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from rt_numpy import runtime
-from rt_numpy.kernels import numba_threads
 
 runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, parallel=True)
 def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps, lr, keep,
            new_p, new_m, new_v):
     """One AdamW step on 1-D arrays of one dtype; the scalars are of that dtype too.
@@ -34,7 +32,7 @@ def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bi
     ``keep`` is ``1 - lr * weight_decay`` (decayed parameters) or 1 (not
     decayed), applied before the Adam step as in the reference.
     """
-    for i in range(p.shape[0]):
+    for i in prange(p.shape[0]):
         gi = g[i]
         mi = beta1 * m[i] + one_minus_beta1 * gi
         vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
@@ -44,11 +42,11 @@ def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bi
         new_v[i] = vi
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, parallel=True)
 def _adamw_no_decay(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps, lr,
                     new_p, new_m, new_v):
     """:func:`_adamw` for a parameter without weight decay (no multiplication by ``keep`` at all)."""
-    for i in range(p.shape[0]):
+    for i in prange(p.shape[0]):
         gi = g[i]
         mi = beta1 * m[i] + one_minus_beta1 * gi
         vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
@@ -83,9 +81,7 @@ def adamw(p, g, m, v, *, beta1, beta2, bias1, bias2, eps, lr, weight_decay, deca
     new = [np.empty_like(flat[0]) for _ in range(3)]
     constants = [c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(bias1), c(bias2), c(eps), c(lr)]
     if decay:
-        kernel, constants = _adamw, constants + [c(1.0 - lr * weight_decay)]
+        _adamw(*flat, *constants, c(1.0 - lr * weight_decay), *new)
     else:
-        kernel = _adamw_no_decay
-    numba_threads.run(kernel, [tuple(x[a:b] for x in flat) + tuple(constants) + tuple(x[a:b] for x in new)
-                               for a, b in numba_threads.spans(flat[0].shape[0])])
+        _adamw_no_decay(*flat, *constants, *new)
     return tuple(x.reshape(p.shape) for x in new)
