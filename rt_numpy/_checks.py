@@ -263,10 +263,10 @@ def operand(fn, name, x, *, number=False, min_ndim=0):
     Costs a few attribute reads: primitives run hundreds of times a training step.
     """
     x = getval(x)
-    if number and isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
-        return x
-    dtype = getattr(x, "dtype", None)
+    dtype = getattr(x, "dtype", None)  # arrays first: they are the common case, and NumPy scalars have one too
     if dtype is None or not hasattr(x, "shape"):
+        if number and isinstance(x, numbers.Real) and not isinstance(x, bool):
+            return x
         raise TypeError(f"{fn}: {name} must be an array{' or a real number' if number else ''}, "
                         f"got {type(x).__name__}")
     if dtype.kind not in NUMERIC_KINDS:
@@ -294,6 +294,8 @@ def axis(fn, value, ndim, name="axis"):
 
 def shape_tuple(fn, name, shape):
     """A shape: a tuple (or list) of non-negative integers; returned as a tuple of ints."""
+    if type(shape) is tuple and all(type(n) is int and n >= 0 for n in shape):  # the common case, first
+        return shape
     if not isinstance(shape, (tuple, list)):
         raise TypeError(f"{fn}: {name} must be a tuple of integers, got {shape!r}")
     return tuple(integer(f"{fn}: {name}[{i}]", n, 0) for i, n in enumerate(shape))

@@ -113,7 +113,8 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
     dtype : float32 or float64, optional
         Default: the dtype of ``points`` with ``init="data"``, float32 otherwise.
     impl : {"auto", "ref", "numba", "cupy"}
-        Implementation of the Lloyd assignments.
+        Implementation of the Lloyd assignments, and of the normalisation of
+        the ``"normal"`` draws (there ``"auto"`` means NumPy).
     picks : int array (K,), optional
         With ``init="data"``: the starting tokens, as indices into the points
         flattened over (B, T), instead of K distinct indices drawn with ``rng``.
@@ -143,7 +144,9 @@ def init_state(num_heads, num_clusters, dim, *, rng, init="normal", points=None,
     if init == "normal":
         if points is not None:
             raise ValueError("points are only used with init='data'; got points with init='normal'")
-        with backend.use_impl(impl):
+        # One (H, K, D) float64 array, normalised once: by NumPy under impl="auto", where
+        # the Numba kernel would compile a float64 variant (1 s on an empty cache) for it alone.
+        with backend.use_impl("ref" if impl == "auto" else impl):
             means = normalize(rng.standard_normal((H, K, D)), norm).astype(dtype)  # (H, K, D)
         return state_from_means(means)
 

@@ -38,8 +38,8 @@ The first-run compile notice
 ----------------------------
 With an empty Numba cache the first training step compiles every kernel it
 uses (tens of seconds on a small machine); :func:`watch_compilation` says so
-on stderr, once per call that compiles (the initial centroids' float64
-normalisation, then the first training step), and how long it took, in a terminal and in a
+on stderr, once per call that compiles (a first training step, a first
+evaluation in float64, ...), and how long it took, in a terminal and in a
 notebook alike.  Nothing is printed when the kernels load from the cache.
 ``RT_NUMPY_QUIET_COMPILE=1`` or ``set_compile_notice(False)`` silences it.
 """

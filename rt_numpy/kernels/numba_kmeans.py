@@ -12,7 +12,8 @@ Three kernels, each computing exactly what a reference function in
 * :func:`route_from_scores` - both at once from the (B, H, K, T) scores that
   balanced membership needs anyway (:func:`rt_numpy.kmeans.route`): each
   point's nearest centroid is read down the columns of the scores, and the
-  heads are shared among the threads.
+  heads, then the clusters, are shared among the threads
+  (:mod:`rt_numpy.kernels.numba_threads`).
 * :func:`top_w_positions` - the ``W`` most similar positions of every cluster,
   sorted by position, ties broken towards the lower position.  Instead of
   sorting ``T`` scores per cluster it finds the ``W``-th largest score (a
@@ -20,17 +21,17 @@ Three kernels, each computing exactly what a reference function in
   threshold and the first few equal to it.  The walk visits positions in
   increasing order, so the result comes out sorted with no extra sort.
 
-This module imports numpy, numba and :mod:`rt_numpy.kernels` only.  No ``fastmath``: the
+This module imports numpy, numba, :mod:`rt_numpy.runtime` and :mod:`rt_numpy.kernels` only.  No ``fastmath``: the
 kernels must agree with the reference to the last bit where they can.
 """
 from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rt_numpy import runtime
-from rt_numpy.kernels import check_window
+from rt_numpy.kernels import check_window, numba_threads
 
 runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
 
@@ -255,34 +256,33 @@ def _nearest_from_scores(scores, best, out):
             out[t] = c if better else out[t]
 
 
-@njit(cache=True, parallel=True)
-def _route(scores, points, W, tasks_per_head, assignments, sums, counts, members):
-    """Nearest centroid, sums, counts and top-W of every head, shared among threads.
+@njit(cache=True, nogil=True)
+def _assign_head(scores, points, h, assignments, sums, counts):
+    """Nearest centroid of every point of head ``h``, added to its cluster in (b, t) order.
 
-    scores (B, H, K, T), points (B, H, T, D); writes assignments (B, H, T),
-    sums (H, K, D) and counts (H, K) (both zeroed), members (B, H, K, W).
-    First each head (one per thread) finds its nearest centroids and adds its
-    points, in (b, t) order as in the reference; then the top-W rows are
-    shared out as ``tasks_per_head`` runs of clusters per (b, h), so that a
-    single head still keeps every thread busy.  Every number is computed by
-    the same code whatever the split: the result does not depend on it.
+    scores (B, H, K, T), points (B, H, T, D); writes assignments[:, h] (B, T),
+    sums[h] (K, D) and counts[h] (K,) (both zeroed before), as the reference does.
     """
     B, H, K, T = scores.shape
-    for h in prange(H):
-        best = np.empty(T, dtype=scores.dtype)  # scratch of this task
-        for b in range(B):
-            _nearest_from_scores(scores[b, h], best, assignments[b, h])
-            _accumulate(assignments[b, h], points[b, h], sums[h], counts[h])
-    per_task = (K + tasks_per_head - 1) // tasks_per_head  # clusters per task
-    for task in prange(B * H * tasks_per_head):
-        b = task // (H * tasks_per_head)
-        h = (task // tasks_per_head) % H
-        first = (task % tasks_per_head) * per_task
-        sample = np.empty(T, dtype=scores.dtype)  # scratch of this task
-        values = np.empty(T, dtype=scores.dtype)
-        positions = np.empty(T, dtype=np.int64)
-        for k in range(first, min(K, first + per_task)):
-            _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
+    best = np.empty(T, dtype=scores.dtype)  # scratch of this task
+    for b in range(B):
+        _nearest_from_scores(scores[b, h], best, assignments[b, h])
+        _accumulate(assignments[b, h], points[b, h], sums[h], counts[h])
+
+
+@njit(cache=True, nogil=True)
+def _top_w_rows(scores, W, first, stop, members):
+    """Top-W members of the clusters ``first .. stop - 1``, counted over (b, h, k) flattened.
+
+    scores (B, H, K, T); writes those rows of members (B, H, K, W).
+    """
+    B, H, K, T = scores.shape
+    sample = np.empty(T, dtype=scores.dtype)  # scratch of this task
+    values = np.empty(T, dtype=scores.dtype)
+    positions = np.empty(T, dtype=np.int64)
+    for row in range(first, stop):
+        b, h, k = row // (H * K), (row // K) % H, row % K
+        _top_w_of_row(scores[b, h, k], W, members[b, h, k], sample, values, positions)
 
 
 def route_from_scores(scores, points, W):
@@ -322,7 +322,12 @@ def route_from_scores(scores, points, W):
     sums = np.zeros((H, K, D), dtype=points.dtype)
     counts = np.zeros((H, K), dtype=np.int64)
     members = np.empty((B, H, K, W), dtype=np.int64)
-    threads = numba.get_num_threads()
-    tasks_per_head = max(1, min(K, -(-threads // (B * H))))  # at least one task per thread
-    _route(np.ascontiguousarray(scores), points, W, tasks_per_head, assignments, sums, counts, members)
+    scores = np.ascontiguousarray(scores)
+    # Each task writes its own rows, so the bits do not depend on how the work is shared
+    # (numba_threads: serial kernels in Python threads, which compile faster than prange).
+    numba_threads.run(_assign_head, [(scores, points, h, assignments, sums, counts) for h in range(H)])
+    rows, tasks = B * H * K, numba.get_num_threads()
+    per_task = -(-rows // tasks)  # clusters per task
+    numba_threads.run(_top_w_rows, [(scores, W, first, min(rows, first + per_task), members)
+                                    for first in range(0, rows, per_task)])
     return assignments, sums, counts, members
