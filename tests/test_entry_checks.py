@@ -210,6 +210,8 @@ X3 = np.ones((2, 3, 4))
 @pytest.mark.parametrize("call, error, match", [
     (lambda: ops.add(X, [1.0]), TypeError, "add: b must be an array or a real number, got list"),
     (lambda: ops.multiply(X, np.ones(3, bool)), TypeError, "multiply: b must hold integers or floats, got dtype bool"),
+    (lambda: ops.add(X, True), TypeError, "add: b must be an array or a real number, got bool"),
+    (lambda: ops.add(X, np.bool_(True)), TypeError, "add: b must hold integers or floats, got dtype bool"),
     (lambda: ops.subtract(X, np.ones(4)), ValueError,
      r"subtract: a of shape \(2, 3\), b of shape \(4,\) do not broadcast"),
     (lambda: ops.divide(None, X), TypeError, "divide: a must be an array or a real number, got NoneType"),
@@ -221,6 +223,8 @@ X3 = np.ones((2, 3, 4))
     (lambda: ops.mean(np.ones(0)), ValueError, "mean: no entries to average"),
     (lambda: ops.broadcast_to(X, (4,)), ValueError, r"broadcast_to: x of shape \(2, 3\), shape of shape \(4,\)"),
     (lambda: ops.broadcast_to(X, (1, 3)), ValueError, r"broadcast_to: x of shape \(2, 3\) does not broadcast to"),
+    (lambda: ops.broadcast_to(X, (2, -3)), ValueError, r"broadcast_to: shape\[1\] must be >= 0, got -3"),
+    (lambda: ops.broadcast_to(X, (2, 3.0)), TypeError, r"broadcast_to: shape\[1\] must be an integer"),
     (lambda: ops.unbroadcast(X, (4,)), ValueError, r"unbroadcast: g of shape \(2, 3\), shape of shape \(4,\)"),
     (lambda: ops.matmul(X, X), ValueError, r"matmul: a of shape \(2, 3\) and b of shape \(2, 3\) do not chain"),
     (lambda: ops.matmul([[1.0]], X), TypeError, "matmul: a must be an array, got list"),
@@ -268,6 +272,15 @@ X3 = np.ones((2, 3, 4))
 def test_ops_name_the_function_and_the_parameter(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_ops_take_numbers_numpy_scalars_and_shapes_of_any_integer_kind():
+    """The checks' fast paths (arrays first, a tuple of ints) refuse nothing they took before."""
+    np.testing.assert_array_equal(ops.add(X, np.float64(2.0)), X + 2.0)
+    np.testing.assert_array_equal(ops.multiply(X, 3), X * 3)
+    np.testing.assert_array_equal(ops.add(np.int64(1), X), 1 + X)
+    np.testing.assert_array_equal(ops.broadcast_to(X[:1], [2, 3]), np.ones((2, 3)))
+    np.testing.assert_array_equal(ops.broadcast_to(X[:1], (np.int64(2), 3)), np.ones((2, 3)))
 
 
 D8 = np.arange(100, dtype=np.uint8)

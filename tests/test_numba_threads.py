@@ -1,9 +1,34 @@
-"""rt_numpy.kernels.numba_threads.run: every task once, any thread count, errors after every share."""
+"""rt_numpy.kernels.numba_threads: thread_ranges cover every item once; run calls every task once, for any
+thread count, and raises only after every share has finished."""
+import contextlib
+
 import numba
 import numpy as np
 import pytest
 
 from rt_numpy.kernels import numba_threads
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """Run the block with ``numba.set_num_threads(n)`` (at most what the machine allows)."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield numba.get_num_threads()
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_ranges_cover_every_item_once_in_order(n, threads):
+    with _threads(threads) as used:
+        ranges = numba_threads.thread_ranges(n)
+    assert len(ranges) <= used
+    covered = [i for first, stop in ranges for i in range(first, stop)]
+    assert covered == list(range(n))
+    assert all(stop > first for first, stop in ranges)  # no empty share
 
 
 def _mark(out, i):
@@ -13,15 +38,9 @@ def _mark(out, i):
 @pytest.mark.parametrize("n_tasks", [0, 1, 2, 3, 7, 32])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_every_task_runs_once(n_tasks, threads):
-    if threads > numba.config.NUMBA_NUM_THREADS:
-        threads = numba.config.NUMBA_NUM_THREADS
     out = np.zeros(n_tasks)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(threads)
+    with _threads(threads):
         numba_threads.run(_mark, [(out, i) for i in range(n_tasks)])
-    finally:
-        numba.set_num_threads(before)
     np.testing.assert_array_equal(out, np.arange(1, n_tasks + 1))
 
 
@@ -35,14 +54,10 @@ def test_an_error_is_raised_after_every_share_finished(failing):
             raise ValueError(f"task {i} fails")
         out[i] = 1.0
 
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        per_share = -(-6 // numba.get_num_threads())
+    with _threads(2) as used:
+        per_share = -(-6 // used)
         with pytest.raises(ValueError, match=f"task {failing} fails"):
             numba_threads.run(kernel, [(i,) for i in range(6)])
-    finally:
-        numba.set_num_threads(before)
     share = failing // per_share
     expected = np.ones(6)
     expected[failing:(share + 1) * per_share] = 0.0  # the failing task and the rest of its share

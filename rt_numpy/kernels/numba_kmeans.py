@@ -26,7 +26,6 @@ kernels must agree with the reference to the last bit where they can.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit
 
@@ -326,8 +325,6 @@ def route_from_scores(scores, points, W):
     # Each task writes its own rows, so the bits do not depend on how the work is shared
     # (numba_threads: serial kernels in Python threads, which compile faster than prange).
     numba_threads.run(_assign_head, [(scores, points, h, assignments, sums, counts) for h in range(H)])
-    rows, tasks = B * H * K, numba.get_num_threads()
-    per_task = -(-rows // tasks)  # clusters per task
-    numba_threads.run(_top_w_rows, [(scores, W, first, min(rows, first + per_task), members)
-                                    for first in range(0, rows, per_task)])
+    numba_threads.run(_top_w_rows, [(scores, W, first, stop, members)
+                                    for first, stop in numba_threads.thread_ranges(B * H * K)])
     return assignments, sums, counts, members

@@ -52,6 +52,16 @@ def _executor():
         return _pool
 
 
+def thread_ranges(n):
+    """``n`` items cut into one contiguous ``(first, stop)`` range per thread (fewer if n is smaller).
+
+    At most ``numba.get_num_threads()`` ranges of ceil(n / threads) items each, the last one
+    possibly shorter; none for n = 0.
+    """
+    per_thread = max(1, -(-n // numba.get_num_threads()))  # ceil(n / threads)
+    return [(first, min(n, first + per_thread)) for first in range(0, n, per_thread)]
+
+
 def _run_serially(kernel, tasks):
     """``kernel(*args)`` for every ``args`` in ``tasks``, in order, in the calling thread."""
     for args in tasks:
@@ -69,25 +79,24 @@ def run(kernel, tasks):
     tasks : list of tuple
         The arguments of each call.  The calls must write disjoint outputs.
 
-    Returns once every call has returned; the first exception raised by a call
-    is raised here.
+    Returns once every call has returned; an exception raised by a call is
+    raised here, after every share has finished.
 
     Notes
     -----
-    The tasks are cut into one contiguous share per thread, and the calling
-    thread runs the first share itself: handing a call to the pool costs about
-    15 us, as much as a small kernel's work, so the pool gets one hand-off per
-    thread, not one per task.
+    The tasks are cut into one contiguous share per thread
+    (:func:`thread_ranges`), and the calling thread runs the first share
+    itself: handing a call to the pool costs about 15 us, as much as a small
+    kernel's work, so the pool gets one hand-off per thread, not one per task.
+    If several calls raise, the one of the earliest share is raised.
     """
-    threads = min(numba.get_num_threads(), len(tasks))
-    if threads <= 1:
+    parts = [tasks[first:stop] for first, stop in thread_ranges(len(tasks))]
+    if len(parts) <= 1:
         _run_serially(kernel, tasks)
         return
-    per_thread = -(-len(tasks) // threads)  # tasks per share
-    shares = [tasks[first:first + per_thread] for first in range(0, len(tasks), per_thread)]
-    futures = [_executor().submit(_run_serially, kernel, share) for share in shares[1:]]
+    futures = [_executor().submit(_run_serially, kernel, part) for part in parts[1:]]
     try:
-        _run_serially(kernel, shares[0])
+        _run_serially(kernel, parts[0])
     finally:
         for future in futures:  # every share has finished before anything returns or raises
             future.exception()
