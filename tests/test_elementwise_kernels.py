@@ -16,7 +16,7 @@ from autograd import elementwise_grad
 from autograd.test_util import check_grads
 
 from rt_numpy import backend, ops
-from rt_numpy.kernels import numba_elementwise, numba_exp, numba_norm, numba_scatter
+from rt_numpy.kernels import numba_elementwise, numba_exp, numba_norm, numba_scatter, numba_threads
 
 # Against the formulas evaluated in float64 (the truth, to ~1e-15): (rtol, atol).  In float32 the
 # kernels are closer to it than the float32 formula itself, whose derivative carries absolute errors
@@ -88,12 +88,13 @@ def test_any_memory_layout():
         np.testing.assert_allclose(numba_elementwise.gelu_derivative(view), want_dy, rtol=1e-13, atol=1e-14)
 
 
-def test_same_bits_for_any_number_of_threads():
-    x = _inputs((64, 257), np.float32)
+@pytest.mark.parametrize("shape", [(64, 257), (256, 257)])  # one slice; two (more than 2 x 32k numbers)
+def test_same_bits_for_any_number_of_threads(shape):
+    x = _inputs(shape, np.float32)
     results = []
     saved = numba.get_num_threads()
     try:
-        for threads in sorted({1, saved}):
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
             numba.set_num_threads(threads)
             results.append((numba_elementwise.gelu(x), numba_elementwise.gelu_derivative(x)))
     finally:
@@ -101,6 +102,9 @@ def test_same_bits_for_any_number_of_threads():
     for y, dy in results[1:]:
         np.testing.assert_array_equal(y, results[0][0])
         np.testing.assert_array_equal(dy, results[0][1])
+    # The slices: one per thread only past 2 x MIN_NUMBERS_PER_THREAD numbers.
+    split = len(numba_threads.thread_ranges(x.size, numba_threads.MIN_NUMBERS_PER_THREAD)) > 1
+    assert split == (x.size >= 2 * numba_threads.MIN_NUMBERS_PER_THREAD and numba.get_num_threads() > 1)
 
 
 def test_ops_uses_the_kernels_and_keeps_the_gradients():
@@ -261,18 +265,25 @@ def test_exp_nonpositive_from_python_equals_compiled(dtype):
     assert np.array_equal(from_python, compiled.astype(from_python.dtype))
 
 
-def test_threads_do_not_change_the_bits():
+@pytest.mark.parametrize("rows", [3, 64, 300])  # 300 x 1024 numbers: two ranges of rows on 2 threads
+def test_threads_do_not_change_the_bits(rows):
     import numba
 
     from rt_numpy.kernels import numba_elementwise, numba_norm
 
-    x = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)  # 64k numbers, shared among the threads
+    rng = np.random.default_rng(0)
+    x, g = (rng.standard_normal((rows, 1024)).astype(np.float32) for _ in range(2))
+
+    def run():
+        y = numba_norm.layer_norm(x, 1e-5)
+        return numba_elementwise.gelu(x), y, numba_norm.layer_norm_grad(x, y, g, 1e-5)
+
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = numba_elementwise.gelu(x), numba_norm.layer_norm(x, 1e-5)
+        one = run()
     finally:
         numba.set_num_threads(threads)
-    many = numba_elementwise.gelu(x), numba_norm.layer_norm(x, 1e-5)
+    many = run()
     for a, b in zip(one, many):
         np.testing.assert_array_equal(a, b)

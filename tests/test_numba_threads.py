@@ -31,6 +31,17 @@ def test_thread_ranges_cover_every_item_once_in_order(n, threads):
     assert all(stop > first for first, stop in ranges)  # no empty share
 
 
+@pytest.mark.parametrize("n, min_items, ranges", [(10, 1, 2), (10, 5, 2), (9, 5, 1), (100, 30, 2), (0, 5, 0),
+                                                  (1, 5, 1), (3, 1, 2)])
+def test_thread_ranges_give_each_range_at_least_min_items(n, min_items, ranges):
+    """With 2 threads: two ranges only when each gets min_items; the items are still covered once, in order."""
+    with _threads(2) as used:
+        got = numba_threads.thread_ranges(n, min_items)
+    assert len(got) == (min(ranges, 1) if used == 1 else ranges)
+    assert [i for first, stop in got for i in range(first, stop)] == list(range(n))
+    assert all(stop - first >= min(min_items, n) for first, stop in got[:-1])
+
+
 def _mark(out, i):
     out[i] += i + 1
 

@@ -39,7 +39,8 @@ def test_fused_adamw_is_bitwise_the_reference(dtype, weight_decay):
     # Same operations, same order, constants rounded to the dtype: the fast path (optim picks
     # rt_numpy.kernels.numba_optim when Numba compiles) must give the same bits, step after step.
     rng = np.random.default_rng(3)
-    shapes = {"emb": (37, 5), "w": (5, 129), "g": (129,), "scalar": (), "big": (3, 1000)}
+    # "split" has more than 2 x 32k numbers: its slices go to two threads (numba_threads.MIN_NUMBERS_PER_THREAD).
+    shapes = {"emb": (37, 5), "w": (5, 129), "g": (129,), "scalar": (), "big": (3, 1000), "split": (70001,)}
     params = {k: rng.normal(size=s).astype(dtype) for k, s in shapes.items()}
     grads_list = [{k: (rng.normal(size=s) * 10.0 ** rng.integers(-6, 3)).astype(dtype) for k, s in shapes.items()}
                   for _ in range(4)]

@@ -3,8 +3,8 @@
 The readable form of GELU in :mod:`rt_numpy.ops` takes about ten passes over
 its array, each writing a temporary as large as the input: for the
 feed-forward activations (B, T, 4C) of a long sequence that is most of the
-time spent outside the matrix products.  Each kernel here makes one pass, on
-every thread, and computes each element independently, so the result does
+time spent outside the matrix products.  Each kernel here makes one pass
+and computes each element independently, so the result does
 not depend on the number of threads.
 
 ``tanh`` is not called: with ``s = sigmoid(2u) = (1 + tanh(u)) / 2`` the
@@ -24,17 +24,23 @@ shared helper returning ``(s, 1 - s)`` the loops ran 1.4x and 1.9x slower here.
 
 ``tests/test_elementwise_kernels.py`` checks both kernels against the
 readable formulas over a grid of shapes, dtypes and edge values.  No
-``fastmath``.  This module imports numpy, numba and
-:mod:`rt_numpy.kernels.numba_exp` only.
+``fastmath``; ``error_model="numpy"`` (a division by zero gives inf or NaN
+instead of raising: the check it saves kept the loops from vectorising, 14x
+slower).  The kernels are serial and release the interpreter lock; contiguous
+slices of the array go to the threads of :mod:`rt_numpy.kernels.numba_threads`
+(``prange`` compiled twice as long and ran slower: :mod:`~rt_numpy.kernels.numba_threads`
+has the figures).  This module imports numpy, numba and the kernels'
+:mod:`~rt_numpy.kernels.numba_exp` and :mod:`~rt_numpy.kernels.numba_threads` only.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rt_numpy import runtime
+from rt_numpy.kernels import numba_threads
 from rt_numpy.kernels.numba_exp import exp_nonpositive
 
 runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
@@ -43,14 +49,14 @@ GELU_C = math.sqrt(2.0 / math.pi)  # the same constants as rt_numpy.ops
 GELU_A = 0.044715
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def _gelu_forward(x, out):
     """``out = x sigmoid(2u)`` = ``0.5 x (1 + tanh(u))``, ``u = c (x + a x^3)``; x, out 1-D of one dtype."""
     one = x.dtype.type(1.0)
     two = x.dtype.type(2.0)
     c = x.dtype.type(GELU_C)
     a = x.dtype.type(GELU_A)
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         v = x[i]
         z = two * c * (v + a * v * v * v)  # 2u
         m = exp_nonpositive(-abs(z))  # in (0, 1]: never overflows
@@ -59,7 +65,7 @@ def _gelu_forward(x, out):
         out[i] = v * s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def _gelu_derivative(x, out):
     """``out = s + 2 x s (1 - s) u'`` with ``s = sigmoid(2u)`` and ``u' = c (1 + 3 a x^2)``."""
     one = x.dtype.type(1.0)
@@ -67,7 +73,7 @@ def _gelu_derivative(x, out):
     three = x.dtype.type(3.0)
     c = x.dtype.type(GELU_C)
     a = x.dtype.type(GELU_A)
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         v = x[i]
         z = two * c * (v + a * v * v * v)  # 2u
         m = exp_nonpositive(-abs(z))
@@ -83,7 +89,8 @@ def _run(kernel, x):
         raise TypeError(f"x must be a float32 or float64 NumPy array, got {got}")
     flat = np.ascontiguousarray(x).reshape(-1)  # (N,): a copy only when x is not C-contiguous
     out = np.empty_like(flat)
-    kernel(flat, out)
+    ranges = numba_threads.thread_ranges(flat.shape[0], numba_threads.MIN_NUMBERS_PER_THREAD)
+    numba_threads.run(kernel, [(flat[first:stop], out[first:stop]) for first, stop in ranges])
     return out.reshape(x.shape)
 
 

@@ -16,18 +16,23 @@ wait on each other), which is at least as accurate as NumPy's float32 mean;
 results agree with the readable formulas to rounding
 (``tests/test_elementwise_kernels.py``), not bit for bit.  Rows are
 independent, so the result does not depend on the number of threads.  The
+kernels are serial and release the interpreter lock; contiguous ranges of rows
+go to the threads of :mod:`rt_numpy.kernels.numba_threads` (``prange``
+compiled twice as long and ran slower: that module has the figures).  The
 row sums are compiled into the kernels (``inline="always"``): as separate
 functions, the reference counting of the row views they were passed made the
-kernels about 1.5x slower.  No ``fastmath``.  This module is a leaf: it imports numpy and numba only.
+kernels about 1.5x slower.  No ``fastmath``.  This module imports numpy, numba and
+:mod:`rt_numpy.kernels.numba_threads` only.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rt_numpy import runtime
+from rt_numpy.kernels import numba_threads
 
 runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
 
@@ -66,10 +71,10 @@ def _mean(u):
     return ((a0 + a1) + (a2 + a3)) / D
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def _forward(x, eps, out):
     """``out[r] = (x[r] - mean) / sqrt(var + eps)``: x, out (R, D)."""
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         row = x[r]
         o = out[r]
         centre = _mean(row)
@@ -78,10 +83,10 @@ def _forward(x, eps, out):
             o[j] = (row[j] - centre) * inverse
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def _backward(x, y, g, eps, dx):
     """``dx[r] = (g[r] - mean(g[r]) - y[r] mean(g[r] y[r])) / sqrt(var(x[r]) + eps)``: all (R, D)."""
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         row = x[r]
         centre = _mean(row)
         inverse = 1.0 / math.sqrt(_mean_of_product(row, row, centre, centre) + eps)
@@ -103,17 +108,26 @@ def _rows(name, x, like=None):
     return np.ascontiguousarray(x).reshape(-1, x.shape[-1])  # (..., D) -> (R, D)
 
 
+def _row_ranges(rows):
+    """The rows (R, D) cut into one contiguous range per thread (:func:`numba_threads.thread_ranges`)."""
+    R, D = rows.shape
+    return numba_threads.thread_ranges(R, max(1, numba_threads.MIN_NUMBERS_PER_THREAD // max(D, 1)))
+
+
 def layer_norm(x, eps):
     """Parameter-free layer norm over the last axis of a float NumPy array; same shape and dtype."""
     rows = _rows("x", x)
     out = np.empty_like(rows)
-    _forward(rows, float(eps), out)
+    eps = float(eps)
+    numba_threads.run(_forward, [(rows[first:stop], eps, out[first:stop]) for first, stop in _row_ranges(rows)])
     return out.reshape(x.shape)
 
 
 def layer_norm_grad(x, y, g, eps):
     """The gradient of ``sum(layer_norm(x, eps) * g)`` with respect to x, given ``y = layer_norm(x, eps)``."""
-    rows = _rows("x", x)
+    rows, y_rows, g_rows = _rows("x", x), _rows("y", y, x), _rows("g", g, x)
     dx = np.empty_like(rows)
-    _backward(rows, _rows("y", y, x), _rows("g", g, x), float(eps), dx)
+    eps = float(eps)
+    numba_threads.run(_backward, [(rows[first:stop], y_rows[first:stop], g_rows[first:stop], eps, dx[first:stop])
+                                  for first, stop in _row_ranges(rows)])
     return dx.reshape(x.shape)

@@ -8,23 +8,27 @@ rounded to that dtype first, as NumPy does with a Python scalar), and Numba
 does not fuse a multiply and an add without ``fastmath``, so the result is
 bitwise the reference's: ``tests/test_optim.py`` checks it, and bitwise resume
 from a checkpoint does not depend on which path ran.  Each element is
-independent, so the number of threads does not matter either.
+independent, so the number of threads does not matter either: the kernels are
+serial and release the interpreter lock, and contiguous slices go to the
+threads of :mod:`rt_numpy.kernels.numba_threads`.  ``error_model="numpy"``
+lets the loop vectorise (a division by zero gives inf or NaN, as in NumPy).
 
-This module is a leaf: it imports numpy and numba only.  No ``fastmath``.
+This module imports numpy, numba and :mod:`rt_numpy.kernels.numba_threads` only.  No ``fastmath``.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from rt_numpy import runtime
+from rt_numpy.kernels import numba_threads
 
 runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps, lr, keep,
            new_p, new_m, new_v):
     """One AdamW step on 1-D arrays of one dtype; the scalars are of that dtype too.
@@ -32,7 +36,7 @@ def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bi
     ``keep`` is ``1 - lr * weight_decay`` (decayed parameters) or 1 (not
     decayed), applied before the Adam step as in the reference.
     """
-    for i in prange(p.shape[0]):
+    for i in range(p.shape[0]):
         gi = g[i]
         mi = beta1 * m[i] + one_minus_beta1 * gi
         vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
@@ -42,11 +46,11 @@ def _adamw(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bi
         new_v[i] = vi
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", nogil=True)
 def _adamw_no_decay(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, bias2, eps, lr,
                     new_p, new_m, new_v):
     """:func:`_adamw` for a parameter without weight decay (no multiplication by ``keep`` at all)."""
-    for i in prange(p.shape[0]):
+    for i in range(p.shape[0]):
         gi = g[i]
         mi = beta1 * m[i] + one_minus_beta1 * gi
         vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
@@ -80,8 +84,10 @@ def adamw(p, g, m, v, *, beta1, beta2, bias1, bias2, eps, lr, weight_decay, deca
     flat = [np.ascontiguousarray(x).reshape(-1) for x in (p, g, m, v)]  # (N,) each
     new = [np.empty_like(flat[0]) for _ in range(3)]
     constants = [c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(bias1), c(bias2), c(eps), c(lr)]
+    kernel = _adamw if decay else _adamw_no_decay
     if decay:
-        _adamw(*flat, *constants, c(1.0 - lr * weight_decay), *new)
-    else:
-        _adamw_no_decay(*flat, *constants, *new)
+        constants.append(c(1.0 - lr * weight_decay))  # keep
+    ranges = numba_threads.thread_ranges(flat[0].shape[0], numba_threads.MIN_NUMBERS_PER_THREAD)
+    numba_threads.run(kernel, [(*(x[first:stop] for x in flat), *constants, *(x[first:stop] for x in new))
+                               for first, stop in ranges])  # each thread its own slice of every array
     return tuple(x.reshape(p.shape) for x in new)

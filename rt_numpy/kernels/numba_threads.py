@@ -16,10 +16,17 @@ its ``prange`` kernel took 3.2 s to compile, the two serial kernels 1.7 s, and
 they run as fast (0.66x the time at the ``small`` preset's shape, 1.09x at
 T=8192, K=64).
 
-The elementwise kernels (GELU, layer norm, AdamW) keep ``prange``: as serial
-loops over slices their inner loops ran about 2x slower per thread (the
-compiler cannot tell that input and output do not overlap), and the training
-step 30% slower.
+The elementwise kernels (GELU, layer norm and its gradient, AdamW) run the
+same way, on contiguous slices, and arrays under 2 x
+:data:`MIN_NUMBERS_PER_THREAD` numbers stay in the calling thread.  Their
+``prange`` versions took 5.1 s of the first training step's compile, the
+serial ones 2.1 s (the ``small`` preset, 2026-12-04).  Timed against the
+``prange`` kernels on 2 threads (the wrappers' checks and allocations
+included), they took a quarter to a half of the time at the ``tiny`` preset's
+sizes, 0.8x to 1.2x at the ``small`` preset's and 0.9x to 1.1x at T=8192
+(BENCHMARKS.md, "Cold start").  (An earlier note here had the serial loops 2x
+slower per thread.  Without ``error_model="numpy"`` a serial GELU was 14x
+slower here: each division is checked, and the loop does not vectorise.)
 
 Here a serial kernel compiled with ``nogil=True`` is called once per task from
 a pool of Python threads: a call releases the interpreter lock, so the
@@ -38,6 +45,10 @@ import threading
 
 import numba
 
+# Handing work to another thread costs about 15-30 us; the elementwise kernels (GELU, layer norm,
+# AdamW) do about that much work on this many numbers, so smaller arrays stay in the calling thread.
+MIN_NUMBERS_PER_THREAD = 1 << 15
+
 _pool = None
 _pool_lock = threading.Lock()
 
@@ -52,14 +63,17 @@ def _executor():
         return _pool
 
 
-def thread_ranges(n):
-    """``n`` items cut into one contiguous ``(first, stop)`` range per thread (fewer if n is smaller).
+def thread_ranges(n, min_items=1):
+    """``n`` items cut into one contiguous ``(first, stop)`` range per thread, each of at least
+    ``min_items`` items (fewer ranges when n is smaller).
 
-    At most ``numba.get_num_threads()`` ranges of ceil(n / threads) items each, the last one
-    possibly shorter; none for n = 0.
+    At most ``numba.get_num_threads()`` ranges of ceil(n / ranges) items each, the last one
+    possibly shorter; one range when n < 2 min_items (the work then stays in the calling thread:
+    see :data:`MIN_NUMBERS_PER_THREAD`); none for n = 0.
     """
-    per_thread = max(1, -(-n // numba.get_num_threads()))  # ceil(n / threads)
-    return [(first, min(n, first + per_thread)) for first in range(0, n, per_thread)]
+    ranges = max(1, min(numba.get_num_threads(), n // min_items))
+    per_range = max(1, -(-n // ranges))  # ceil(n / ranges)
+    return [(first, min(n, first + per_range)) for first in range(0, n, per_range)]
 
 
 def _run_serially(kernel, tasks):
