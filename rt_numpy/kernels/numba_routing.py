@@ -51,11 +51,17 @@ How they are fast without ``fastmath``:
   the order (c, r).  With few heads (``"by_cluster"``), a task is one cluster
   whose rows go into a (B, H, K, W, D) buffer; a second, serial pass adds the
   buffers into positions in the same order (c, r).  Both give the same bits.
-* The small helpers are compiled into the kernel that calls them
-  (``inline="always"``).  A call of a separately compiled helper updates the
-  reference count of each array view it receives or makes (an atomic
-  operation each): for the small per-block helpers that had cost about as much
-  as their arithmetic (CHANGELOG.md, benchmark history of 2026-11-28).  The three loops that do
+* The small helpers that run once per block of rows or per row are compiled
+  into the kernel that calls them (``inline="always"``).  A call of a
+  separately compiled helper updates the reference count of each array view
+  it receives or makes (an atomic operation each): for the small per-block
+  helpers that had cost about as much as their arithmetic (CHANGELOG.md,
+  benchmark history of 2026-11-28).  The helpers that run once per cluster
+  or per head (the gathers, the transpose, the visible counts, the scratch
+  tiles, the scatter) are separate functions, compiled once and shared by the
+  forward and backward kernels: inlined, they made the first training step's
+  compile 1.8 s longer, and the kernels were no faster (within 2% at the
+  tiny, small and T=8192 shapes, 2026-12-04).  The three loops that do
   the arithmetic (:func:`_rows_times_tile`, :func:`_weights_times_rows`,
   :func:`_block_softmax`) stay separate functions: inlining them too was 10%
   faster with 8 heads but took 2.4 times as long to compile (88 s instead of
@@ -104,7 +110,7 @@ def _padded(n):
     return (n + LANES - 1) // LANES * LANES
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _visible_counts(query_window, key_window, out):
     """``out[r]`` = how many keys query row r sees (key position <= query position), 0 past row W.
 
@@ -120,7 +126,7 @@ def _visible_counts(query_window, key_window, out):
     out[W:] = 0
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _transpose_rows(rows, W, out):
     """``out[d, s] = rows[s, d]`` for s < W: rows (R, D) -> out (D, Wp), columns past W untouched.
 
@@ -146,7 +152,7 @@ def _transpose_rows(rows, W, out):
             out[d, rest] = r[d]
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _gather_rows(x, window, out):
     """``out[s] = x[window[s]]`` for s < W: x (T, D), window (W,) -> out (R, D), whose rows past W
     stay as they are (zero, from :func:`_cluster_scratch`)."""
@@ -371,7 +377,7 @@ Tiles = namedtuple("Tiles", ["q_rows", "k_rows", "v_rows", "g_rows", "kT", "vT",
                              "block_out", "probs", "dlogits", "lanes"])
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _cluster_scratch(W, D, dtype):
     """A :data:`Tiles` for clusters of W rows of D numbers; the padding is zeroed here and the
     gathers never write it."""
@@ -385,7 +391,7 @@ def _cluster_scratch(W, D, dtype):
                  np.empty((R, Wp), dtype=dtype), np.empty(LANES, dtype=dtype))
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _gather_queries_and_keys(q, k, query_window, key_window, shared, tiles):
     """Query rows, key rows and keys transposed into the tiles; returns the key rows' tile.
 
@@ -426,7 +432,7 @@ def _cluster_forward(q, k, v, query_window, key_window, scale, last_resort, self
         _copy_rows(block_out, out[r0:r0 + rows], rows)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _add_rows_at(rows, window, out):
     """``out[window[r]] += rows[r]`` in the order r = 0, 1, ...: rows (W, D), window (W,), out (T, D)."""
     D = out.shape[1]
@@ -437,7 +443,7 @@ def _add_rows_at(rows, window, out):
             dst[d] += src[d]
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@njit(cache=True, error_model="numpy")
 def _divide_rows(x, denominators):
     """``x[t] /= denominators[t]``: x (T, D), denominators (T,)."""
     D = x.shape[1]
