@@ -331,7 +331,7 @@ def cmd_train(args, demo=False):
     print(f"model: {cfg}")
     print(f"training: {tcfg}")
     result = train.train(cfg, tcfg, out_dir=out or None, resume=args.resume, impl=args.impl,
-                         progress=not args.no_progress, device=args.device)
+                         progress=not args.no_progress, device=args.device, compile_ahead=True)
     if result["sha256"]:
         print(f"corpus {tcfg.corpus!r}: sha256 {result['sha256']}")
     if result["val"] is not None:

@@ -198,6 +198,13 @@ def watch_compilation():
     _notice["listening"] = True
 
 
+def add_compile_seconds(seconds: float):
+    """Count ``seconds`` this process spent waiting for kernels compiled by another one
+    (:mod:`rt_numpy.compile_ahead`) in the time the compile notice reports, when one is pending."""
+    if _notice["pending"]:
+        _notice["seconds"] += seconds
+
+
 def start_of_compile_block():
     """Entered by :func:`rt_numpy.backend.use_impl`: compiles inside are summed until the outermost block ends."""
     _notice["blocks"] += 1

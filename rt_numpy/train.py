@@ -471,7 +471,7 @@ SLOW_FIRST_STEP_S = 5.0  # a first step slower than this is reported (it compile
 
 
 def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, impl="auto", corpus=None,
-          log=print, device="cpu"):
+          log=print, device="cpu", compile_ahead=False):
     """Train from scratch (or resume) and return the final state and history.
 
     Parameters
@@ -502,6 +502,11 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
         run (``"gpu"``: CuPy arrays, :func:`rt_numpy.backend.to_device`).  The
         same loop either way: batches are drawn on the host and copied over;
         checkpoints always hold host arrays, so a GPU run resumes on a CPU.
+    compile_ahead : bool
+        Before the first step, compile its Numba kernels in two processes at
+        once (:func:`rt_numpy.compile_ahead.first_step`: this process is
+        forked).  For a process rt_numpy owns: the command line turns it on.
+        The results are the same either way.
 
     Returns
     -------
@@ -564,6 +569,10 @@ def train(cfg, tcfg, *, out_dir=None, resume=None, stop_at=None, progress=True, 
     start = time.perf_counter()
     tokens = 0
     try:
+        if compile_ahead and step < last:
+            from rt_numpy.compile_ahead import first_step as compile_first_step
+
+            compile_first_step(params, kmeans_states, cfg, tcfg.batch_size, impl)
         while step < last:
             x, y = data.random_batches(corpus["train"], tcfg.batch_size, cfg.seq_len, rng)
             params, opt_state, kmeans_states, metrics = train_step(params, opt_state, kmeans_states, x, y, cfg,

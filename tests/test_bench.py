@@ -36,7 +36,7 @@ def test_cold_start_reports_the_warm_step(tmp_path):
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())
     steps = [r for r in records if r["metric"] == "warm_step_median"]
-    assert [r["case"] for r in steps] == [{"task": "tiny", "pass": "warm"}]
+    assert [r["case"] for r in steps] == [{"task": "tiny", "pass": "warm", "arm": "two processes"}]
     first = {r["case"]["pass"]: r["value"] for r in records if r["metric"] == "seconds_to_first_step"}
     ends = {r["case"]["pass"]: r["value"] for r in records if r["metric"] == "first_step_ends_at"}
     assert first["warm"] >= ends["warm"]  # the child's own first-step mark fits inside the parent's wall

@@ -100,6 +100,16 @@ def test_compile_notice_on_the_first_run_only(tmp_path):
     assert "rt_numpy:" not in second
 
 
+def test_waiting_for_another_process_counts_in_a_pending_notice(monkeypatch):
+    monkeypatch.setitem(runtime._notice, "pending", False)
+    monkeypatch.setitem(runtime._notice, "seconds", 1.0)
+    runtime.add_compile_seconds(2.0)  # no notice was printed: nothing to add to
+    assert runtime._notice["seconds"] == 1.0
+    monkeypatch.setitem(runtime._notice, "pending", True)
+    runtime.add_compile_seconds(2.0)
+    assert runtime._notice["seconds"] == 3.0
+
+
 def test_compile_notice_can_be_silenced(tmp_path):
     assert "rt_numpy:" not in _run_notice(tmp_path, **{runtime.QUIET_COMPILE_ENV: "1"})
     with pytest.raises(TypeError, match="enabled"):

@@ -29,8 +29,8 @@
 # 7. associative recall: a routing model learns to look a key up far back, a local model cannot;
 # 8. exercises.
 #
-# Running it takes about 3 minutes on a 2-core machine (`RT_NUMPY_FAST=1`: seconds), plus about two
-# minutes of one-time compilation on a fresh checkout (section 1 says where). Reading it, about an hour.
+# Running it takes about 3 minutes on a 2-core machine (`RT_NUMPY_FAST=1`: seconds), plus about half a
+# minute of one-time compilation on a fresh checkout (section 1 says where). Reading it, about an hour.
 #
 # Shapes, with the letters of docs/algorithm.md#alphabet: a batch of ids is (B, T); the model has width C,
 # H heads of D = C / H, and each routing head K centroids of dimension D. Tokens are bytes, so V = 256.
@@ -117,9 +117,9 @@ print("k-means state:", {layer: {k: v.shape for k, v in s.items()} for layer, s 
 #
 # **A one-time wait.** The next cell is the first to run the model. rt_numpy's fast paths are Numba
 # kernels, compiled to machine code the first time they run. On a fresh checkout (a cold cache) the
-# first cells that run the model pause for 20 to 30 s each (measured on 2 cores): the next cell, the
+# first cells that run the model pause for 4 to 8 s each (measured on 2 cores): the next cell, the
 # float64 check of section 2, the gradient check of section 3 and the first training step of
-# section 4, about two minutes in all. Numba caches the compiled code on disk, so
+# section 4, about 25 s in all. Numba caches the compiled code on disk, so
 # on later runs these cells take a fraction of a second. Each of them prints its time.
 
 # %%

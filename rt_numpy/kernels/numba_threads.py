@@ -41,6 +41,7 @@ This module is a leaf: it imports numba and the standard library only.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 
 import numba
@@ -51,6 +52,17 @@ MIN_NUMBERS_PER_THREAD = 1 << 15
 
 _pool = None
 _pool_lock = threading.Lock()
+
+
+def _forget_pool_after_fork():
+    """In a forked child: the parent's pool threads do not exist there, so the child makes its own
+    (:mod:`rt_numpy.compile_ahead` forks)."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _executor():
