@@ -89,7 +89,7 @@ def test_off_the_numba_path_nothing_is_forked(monkeypatch):
     assert compile_ahead.first_step(params, kmeans_states, cfg, tcfg.batch_size, impl="ref") is False
 
 
-def _one_core_free_setup(monkeypatch):
+def _forking_setup(monkeypatch):
     """The tiny preset's state, with compile_ahead told that it applies (whatever the machine)."""
     cfg, tcfg = train.PRESETS["tiny"]
     rng = np.random.default_rng(0)
@@ -99,7 +99,7 @@ def _one_core_free_setup(monkeypatch):
 
 
 def test_a_failing_child_is_reported_and_changes_nothing(monkeypatch, capfd):
-    params, kmeans_states, cfg, tcfg = _one_core_free_setup(monkeypatch)
+    params, kmeans_states, cfg, tcfg = _forking_setup(monkeypatch)
     before = {k: v.copy() for k, v in params.items()}
 
     def fail(cfg, batch_size):
@@ -113,7 +113,16 @@ def test_a_failing_child_is_reported_and_changes_nothing(monkeypatch, capfd):
 
 
 def test_ctrl_c_in_the_parent_stops_the_child_at_once(monkeypatch):
-    params, kmeans_states, cfg, tcfg = _one_core_free_setup(monkeypatch)
+    params, kmeans_states, cfg, tcfg = _forking_setup(monkeypatch)
+    real_fork, children = os.fork, []
+
+    def fork():
+        pid = real_fork()
+        if pid:  # the parent records its child
+            children.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
     monkeypatch.setattr(compile_ahead, "_child_kernels", lambda cfg, batch_size: time.sleep(60))
 
     def interrupted(*args):
@@ -124,8 +133,9 @@ def test_ctrl_c_in_the_parent_stops_the_child_at_once(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         compile_ahead.first_step(params, kmeans_states, cfg, tcfg.batch_size)
     assert time.perf_counter() - start < 30  # the sleeping child was killed and reaped, not waited for
+    assert len(children) == 1
     with pytest.raises(ChildProcessError):
-        os.waitpid(-1, os.WNOHANG)  # no child left behind
+        os.waitpid(children[0], os.WNOHANG)  # already reaped: no child left behind
 
 
 def _double(out, i):
