@@ -130,7 +130,7 @@ def configure_process():
 QUIET_COMPILE_ENV = "RT_NUMPY_QUIET_COMPILE"
 _KERNEL_MODULES = "rt_numpy.kernels."
 _notice = {"enabled": True, "listening": False, "depth": 0, "seconds": 0.0,
-           "pending": False, "blocks": 0}
+           "pending": False, "blocks": 0, "compiles": 0}
 
 
 def set_compile_notice(enabled: bool):
@@ -178,6 +178,7 @@ def watch_compilation():
             _notice["depth"] += 1
             if _notice["depth"] == 1:  # the outermost compile: the callee kernels compile inside it
                 _notice["kernel"] = ev.data["dispatcher"].py_func.__module__.startswith(_KERNEL_MODULES)
+                _notice["compiles"] += _notice["kernel"]
                 _notice["start"] = time.perf_counter()
                 if _notice["kernel"] and not _notice["pending"] and _notice_wanted():
                     dtypes = sorted({str(a.dtype) for a in ev.data["args"]  # the data's, not the indices'
@@ -196,6 +197,12 @@ def watch_compilation():
 
     event.register("numba:compile", KernelCompileListener())
     _notice["listening"] = True
+
+
+def kernel_compiles() -> int:
+    """How many times one of rt_numpy's kernels has been compiled (not loaded from the cache) in this
+    process so far, counting a kernel's callees with it; 0 before a kernel module is imported."""
+    return _notice["compiles"]
 
 
 def add_compile_seconds(seconds: float):

@@ -3,6 +3,7 @@ training step, which then compiles nothing and gives bitwise what a step without
 Numba path nothing is forked; a failing child or a Ctrl-C in the parent leaves nothing behind."""
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -59,25 +60,49 @@ def _digest_of_one_step(preset):
     return hashlib.sha256(b"".join(np.ascontiguousarray(params[k]).tobytes() for k in sorted(params))).hexdigest()
 
 
+def _run_child(preset, cache_dir):
+    env = {key: value for key, value in os.environ.items() if key != "RT_NUMPY_QUIET_COMPILE"}
+    env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    result = subprocess.run([sys.executable, "-c", CHILD, preset], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="nothing compiles under NUMBA_DISABLE_JIT")
 @pytest.mark.skipif(compile_ahead._cores() < 2, reason="compile_ahead needs two cores")
 def test_the_first_step_compiles_nothing_and_gives_the_same_bits(tmp_path):
-    env = {key: value for key, value in os.environ.items() if key != "RT_NUMPY_QUIET_COMPILE"}
-    env["NUMBA_CACHE_DIR"] = str(tmp_path / "cache")
-    result = subprocess.run([sys.executable, "-c", CHILD, "tiny"], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out, stderr = _run_child("tiny", tmp_path / "cache")
     assert out["forked"] is True
     assert out["by_step"] == []  # every kernel was compiled here or loaded from what the child cached
-    # The child's kernels were not compiled in this process: it loaded them from the cache.
-    assert "rt_numpy.kernels.numba_routing._head_backward" not in out["by_parent"]
-    assert "rt_numpy.kernels.numba_norm._backward" not in out["by_parent"]
-    assert "rt_numpy.kernels.numba_routing._head_forward" in out["by_parent"]
+    # The child's kernels were not compiled in this process: the step loaded them from the cache.
+    assert not {"rt_numpy.kernels.numba_routing._head_backward",
+                "rt_numpy.kernels.numba_norm._backward"} & set(out["by_parent"])
+    assert {"rt_numpy.kernels.numba_routing._head_forward",
+            "rt_numpy.kernels.numba_elementwise._gelu_derivative"} <= set(out["by_parent"])
     assert out["digest"] == _digest_of_one_step("tiny")
     # One notice, from this process (the child's is silenced), with the time it waited included.
-    assert result.stderr.count("rt_numpy: compiling Numba kernels for float32") == 1
-    assert result.stderr.count("Numba kernels compiled in") == 1
+    assert stderr.count("rt_numpy: compiling Numba kernels for float32") == 1
+    assert stderr.count("Numba kernels compiled in") == 1
+    # With the cache now warm, nothing forks and nothing compiles, and the bits are the same.
+    again, stderr = _run_child("tiny", tmp_path / "cache")
+    assert again["forked"] is False and again["by_parent"] == [] and again["by_step"] == []
+    assert again["digest"] == out["digest"]
+    assert "rt_numpy:" not in stderr
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="nothing compiles under NUMBA_DISABLE_JIT")
+def test_the_child_caches_its_own_kernels_only(tmp_path):
+    """Two processes must never write one function's cache index: the child's share, run alone on an
+    empty cache, leaves entries for its two entry kernels and for nothing they call."""
+    code = ("import sys; from rt_numpy import compile_ahead, train\n"
+            "cfg, tcfg = train.PRESETS['tiny']\n"
+            "compile_ahead._child_kernels(cfg, tcfg.batch_size)\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), RT_NUMPY_QUIET_COMPILE="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    indexes = sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.nbi"))
+    assert indexes == ["numba_norm._backward", "numba_routing._head_backward"]
 
 
 def test_off_the_numba_path_nothing_is_forked(monkeypatch):
@@ -85,7 +110,7 @@ def test_off_the_numba_path_nothing_is_forked(monkeypatch):
     params = model.init_params(cfg, np.random.default_rng(0))
     kmeans_states = model.init_kmeans(cfg, np.random.default_rng(0))
     monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked with impl='ref'"))
-    assert compile_ahead.applies(params, impl="ref") is False
+    assert compile_ahead.applies(params, cfg, impl="ref") is False
     assert compile_ahead.first_step(params, kmeans_states, cfg, tcfg.batch_size, impl="ref") is False
 
 
@@ -94,13 +119,16 @@ def _forking_setup(monkeypatch):
     cfg, tcfg = train.PRESETS["tiny"]
     rng = np.random.default_rng(0)
     params, kmeans_states = model.init_params(cfg, rng), model.init_kmeans(cfg, rng)
-    monkeypatch.setattr(compile_ahead, "applies", lambda params, impl="auto": True)
+    monkeypatch.setattr(compile_ahead, "applies", lambda params, cfg, impl="auto": True)
+    # Every look at the count of compiles sees a new one, as with an empty cache.
+    monkeypatch.setattr(compile_ahead.runtime, "kernel_compiles", itertools.count().__next__)
     return params, kmeans_states, cfg, tcfg
 
 
 def test_a_failing_child_is_reported_and_changes_nothing(monkeypatch, capfd):
     params, kmeans_states, cfg, tcfg = _forking_setup(monkeypatch)
     before = {k: v.copy() for k, v in params.items()}
+    centroids = {(layer, k): np.copy(v) for layer, state in kmeans_states.items() for k, v in state.items()}
 
     def fail(cfg, batch_size):
         raise RuntimeError("the child's compile failed on purpose")
@@ -110,6 +138,8 @@ def test_a_failing_child_is_reported_and_changes_nothing(monkeypatch, capfd):
     assert "the child's compile failed on purpose" in capfd.readouterr().err
     for name, value in before.items():
         np.testing.assert_array_equal(params[name], value)
+    for (layer, name), value in centroids.items():
+        np.testing.assert_array_equal(kmeans_states[layer][name], value)
 
 
 def test_ctrl_c_in_the_parent_stops_the_child_at_once(monkeypatch):

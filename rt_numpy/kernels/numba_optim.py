@@ -84,9 +84,10 @@ def adamw(p, g, m, v, *, beta1, beta2, bias1, bias2, eps, lr, weight_decay, deca
     flat = [np.ascontiguousarray(x).reshape(-1) for x in (p, g, m, v)]  # (N,) each
     new = [np.empty_like(flat[0]) for _ in range(3)]
     constants = [c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(bias1), c(bias2), c(eps), c(lr)]
-    kernel = _adamw if decay else _adamw_no_decay
     if decay:
-        constants.append(c(1.0 - lr * weight_decay))  # keep
+        kernel, constants = _adamw, constants + [c(1.0 - lr * weight_decay)]  # ... keep
+    else:
+        kernel = _adamw_no_decay
     ranges = numba_threads.thread_ranges(flat[0].shape[0], numba_threads.MIN_NUMBERS_PER_THREAD)
     numba_threads.run(kernel, [(*(x[first:stop] for x in flat), *constants, *(x[first:stop] for x in new))
                                for first, stop in ranges])  # each thread its own slice of every array
