@@ -8,19 +8,20 @@ Compiling a kernel needs only the types of its arguments, not their values,
 so the backward kernel need not wait for a forward pass to give it inputs.
 :func:`first_step`:
 
-1. compiles the GELU derivative, the smallest kernel of a training step.  If
-   that only loaded it from the cache, the cache is taken to be warm: nothing
-   forks, and the first step loads (or compiles) the rest.
-2. forks.  The child compiles the routing attention's backward kernel and the
-   layer norm's gradient on small arrays of the model's dtype, which writes
-   them to Numba's cache, and exits.  This process meanwhile runs the
-   model's forward pass once on a batch of zeros, which compiles the forward
-   kernels (layer norm, GELU, k-means, routing attention), then the other
-   backward kernels (the embedding's scatter, AdamW) on small arrays, and
-   waits for the child.  The two shares took about the same time (4 to 5 s
-   each on a 2-core VM, the ``small`` preset, 2026-12-04).
+1. compiles the embedding's scatter (the gradient of the embedding lookup),
+   the smallest kernel of a training step.  If that only loaded it from the
+   cache, the cache is taken to be warm: nothing forks, and the first step
+   loads (or compiles) the rest.
+2. forks.  The child compiles the routing attention's backward kernel, the
+   layer norm's gradient and the GELU derivative on small arrays of the
+   model's dtype, which writes them to Numba's cache, and exits.  This
+   process meanwhile runs the model's forward pass once on a batch of zeros,
+   which compiles the forward kernels (layer norm, GELU, k-means, routing
+   attention), then AdamW on small arrays, and waits for the child.  The two
+   shares took about the same time (7 to 8 s each on a 2-core VM, the
+   ``small`` preset, 2026-12-04).
 
-The child reads and writes the cache of its two kernels only.  The helpers
+The child reads and writes the cache of its three kernels only.  The helpers
 they call, which the forward kernels call too, it compiles in memory without
 caching them: Numba rewrites a function's cache index without a lock, and two
 processes adding entries to one index at once could make an entry point at
@@ -94,18 +95,19 @@ def _routing_example(cfg, batch_size):
 
 
 def _child_kernels(cfg, batch_size):
-    """The child's share: the routing attention's backward kernel and the layer norm's gradient.
+    """The child's share: the routing attention's backward kernel, the layer norm's gradient and the
+    GELU derivative.
 
     Every other kernel's cache is turned off first (loads and saves): the
-    helpers these two call are compiled in memory, and only the two entry
-    kernels, which the parent never compiles, get cache entries.
+    helpers these call are compiled in memory, and only the entry kernels,
+    which the parent never compiles, get cache entries.
     """
     from numba.core.dispatcher import Dispatcher
 
-    from rt_numpy.kernels import numba_norm, numba_routing
+    from rt_numpy.kernels import numba_elementwise, numba_norm, numba_routing
 
     cached = {numba_routing._head_backward, numba_routing._one_cluster_backward, numba_routing._scatter_rows,
-              numba_norm._backward}  # the entry kernels of the share (by_head or by_cluster schedule)
+              numba_norm._backward, numba_elementwise._gelu_derivative}  # (by_head or by_cluster schedule)
     for name, module in list(sys.modules.items()):
         if name.startswith("rt_numpy.kernels.numba_"):
             for kernel in vars(module).values():
@@ -113,19 +115,19 @@ def _child_kernels(cfg, batch_size):
                     kernel._cache.disable()  # Numba's cache object of the kernel: no loads, no saves
     rows = _rows(cfg)
     numba_norm.layer_norm_grad(rows, rows, rows, 1e-5)
+    numba_elementwise.gelu_derivative(rows)
     x, windows = _routing_example(cfg, batch_size)
     numba_routing.backward(x, x, None, x, windows, None, 1.0, False, 0.01)
 
 
 def _parent_kernels(params, kmeans_states, cfg, batch_size, impl):
-    """This process's share: the forward kernels (the model run once on a batch of zeros), then the
-    embedding's scatter and AdamW on small arrays."""
-    from rt_numpy.kernels import numba_optim, numba_scatter
+    """This process's share: the forward kernels (the model run once on a batch of zeros), then AdamW
+    on small arrays."""
+    from rt_numpy.kernels import numba_optim
 
     ids = np.zeros((batch_size, cfg.seq_len), dtype=np.int64)  # (B, T): the types of a real batch
     model.forward(params, ids, cfg, kmeans_states, impl=impl)
     rows = _rows(cfg)
-    numba_scatter.add_rows_at(rows, np.zeros(2, dtype=np.int64), rows)  # the embedding's gradient
     for decay in (True, False):  # AdamW has one kernel for decayed parameters and one for the others
         numba_optim.adamw(rows, rows, rows, rows, beta1=0.9, beta2=0.95, bias1=0.1, bias2=0.05, eps=1e-8, lr=0.1,
                           weight_decay=0.1, decay=decay)
@@ -178,12 +180,13 @@ def first_step(params, kmeans_states, cfg, batch_size, impl="auto"):
     """
     if not applies(params, cfg, impl):
         return False
-    from rt_numpy.kernels import numba_elementwise
+    from rt_numpy.kernels import numba_scatter
 
     runtime.start_of_compile_block()  # one compile notice for all of it, its time including the wait
     try:
         compiled_before = runtime.kernel_compiles()
-        numba_elementwise.gelu_derivative(_rows(cfg))
+        rows = _rows(cfg)
+        numba_scatter.add_rows_at(rows, np.zeros(2, dtype=np.int64), rows)  # the embedding's gradient
         if runtime.kernel_compiles() == compiled_before:  # it loaded from the cache: take the cache as warm
             return False
         try:

@@ -76,10 +76,10 @@ def test_the_first_step_compiles_nothing_and_gives_the_same_bits(tmp_path):
     assert out["forked"] is True
     assert out["by_step"] == []  # every kernel was compiled here or loaded from what the child cached
     # The child's kernels were not compiled in this process: the step loaded them from the cache.
-    assert not {"rt_numpy.kernels.numba_routing._head_backward",
-                "rt_numpy.kernels.numba_norm._backward"} & set(out["by_parent"])
+    assert not {"rt_numpy.kernels.numba_routing._head_backward", "rt_numpy.kernels.numba_norm._backward",
+                "rt_numpy.kernels.numba_elementwise._gelu_derivative"} & set(out["by_parent"])
     assert {"rt_numpy.kernels.numba_routing._head_forward",
-            "rt_numpy.kernels.numba_elementwise._gelu_derivative"} <= set(out["by_parent"])
+            "rt_numpy.kernels.numba_scatter._add_rows_at"} <= set(out["by_parent"])
     assert out["digest"] == _digest_of_one_step("tiny")
     # One notice, from this process (the child's is silenced), with the time it waited included.
     assert stderr.count("rt_numpy: compiling Numba kernels for float32") == 1
@@ -94,7 +94,7 @@ def test_the_first_step_compiles_nothing_and_gives_the_same_bits(tmp_path):
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="nothing compiles under NUMBA_DISABLE_JIT")
 def test_the_child_caches_its_own_kernels_only(tmp_path):
     """Two processes must never write one function's cache index: the child's share, run alone on an
-    empty cache, leaves entries for its two entry kernels and for nothing they call."""
+    empty cache, leaves entries for its three entry kernels and for nothing they call."""
     code = ("import sys; from rt_numpy import compile_ahead, train\n"
             "cfg, tcfg = train.PRESETS['tiny']\n"
             "compile_ahead._child_kernels(cfg, tcfg.batch_size)\n")
@@ -102,7 +102,7 @@ def test_the_child_caches_its_own_kernels_only(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     indexes = sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.nbi"))
-    assert indexes == ["numba_norm._backward", "numba_routing._head_backward"]
+    assert indexes == ["numba_elementwise._gelu_derivative", "numba_norm._backward", "numba_routing._head_backward"]
 
 
 def test_off_the_numba_path_nothing_is_forked(monkeypatch):
@@ -203,15 +203,20 @@ def test_a_forked_child_gets_its_own_thread_pool():
         numba.set_num_threads(before)
 
 
-def test_train_compiles_ahead_once_when_asked(monkeypatch):
+def test_train_compiles_ahead_once_when_asked(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(compile_ahead, "first_step", lambda *args: calls.append(args) or True)
     cfg, tcfg = train.PRESETS["tiny"]
     tcfg = dataclasses.replace(tcfg, steps=2)
     train.train(cfg, tcfg, progress=False, impl="ref", log=lambda line: None)
     assert calls == []  # off by default: a library call does not fork
-    train.train(cfg, tcfg, progress=False, impl="ref", log=lambda line: None, compile_ahead=True)
+    done = train.train(cfg, tcfg, progress=False, impl="ref", log=lambda line: None, compile_ahead=True,
+                       out_dir=str(tmp_path / "run"))
     assert len(calls) == 1 and calls[0][2] == cfg and calls[0][3] == tcfg.batch_size
+    # Resuming a finished run trains no step: nothing to compile ahead of.
+    train.train(cfg, tcfg, progress=False, impl="ref", log=lambda line: None, compile_ahead=True,
+                resume=done["checkpoint"])
+    assert len(calls) == 1
 
 
 def test_the_command_line_compiles_ahead(monkeypatch, tmp_path):

@@ -28,8 +28,9 @@ readable formulas over a grid of shapes, dtypes and edge values.  No
 instead of raising: the check it saves kept the loops from vectorising, 14x
 slower).  The kernels are serial and release the interpreter lock; contiguous
 slices of the array go to the threads of :mod:`rt_numpy.kernels.numba_threads`
-(``prange`` compiled twice as long and ran slower: :mod:`~rt_numpy.kernels.numba_threads`
-has the figures).  This module imports numpy, numba and the kernels'
+(``prange`` took twice as long to compile, was slower at small sizes and no
+faster at large ones: :mod:`~rt_numpy.kernels.numba_threads` has the figures).
+This module imports numpy, numba and the kernels'
 :mod:`~rt_numpy.kernels.numba_exp` and :mod:`~rt_numpy.kernels.numba_threads` only.
 """
 from __future__ import annotations

@@ -18,7 +18,8 @@ results agree with the readable formulas to rounding
 independent, so the result does not depend on the number of threads.  The
 kernels are serial and release the interpreter lock; contiguous ranges of rows
 go to the threads of :mod:`rt_numpy.kernels.numba_threads` (``prange``
-compiled twice as long and ran slower: that module has the figures).  The
+took two to three times as long to compile, was slower at small sizes and no
+faster at large ones: that module has the figures).  The
 row sums are compiled into the kernels (``inline="always"``): as separate
 functions, the reference counting of the row views they were passed made the
 kernels about 1.5x slower.  No ``fastmath``.  This module imports numpy, numba and

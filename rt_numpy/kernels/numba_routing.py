@@ -60,7 +60,7 @@ How they are fast without ``fastmath``:
   or per head (the gathers, the transpose, the visible counts, the scratch
   tiles, the scatter) are separate functions, compiled once and shared by the
   forward and backward kernels: inlined, they made the first training step's
-  compile 1.8 s longer, and the kernels were no faster (within 2% at the
+  compile 1.8 s longer, and the kernels were no faster (0.96-1.04x at the
   tiny, small and T=8192 shapes, 2026-12-04).  The three loops that do
   the arithmetic (:func:`_rows_times_tile`, :func:`_weights_times_rows`,
   :func:`_block_softmax`) stay separate functions: inlining them too was 10%
@@ -96,8 +96,7 @@ from rt_numpy.kernels.numba_exp import exp_nonpositive
 
 runtime.watch_compilation()  # a line on stderr when these kernels compile (first run only)
 
-# The threading layer (workqueue unless NUMBA_THREADING_LAYER is set) is chosen by
-# rt_numpy.runtime (docs/design.md#process-wide-settings).
+# No prange here: the threads are Python threads (numba_threads), so Numba's threading layer is not used.
 
 ROWS = 4  # rows worked together (the products below are written out for exactly four)
 LANES = 16  # loops over a cluster's keys run over a multiple of this many (one AVX-512 vector of float32)

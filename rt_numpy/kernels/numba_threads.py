@@ -76,12 +76,12 @@ def _executor():
 
 
 def thread_ranges(n, min_items=1):
-    """``n`` items cut into one contiguous ``(first, stop)`` range per thread, each of at least
-    ``min_items`` items (fewer ranges when n is smaller).
+    """``n`` items cut into one contiguous ``(first, stop)`` range per thread, at most n // min_items
+    ranges (fewer when n is smaller).
 
     At most ``numba.get_num_threads()`` ranges of ceil(n / ranges) items each, the last one
-    possibly shorter; one range when n < 2 min_items (the work then stays in the calling thread:
-    see :data:`MIN_NUMBERS_PER_THREAD`); none for n = 0.
+    possibly shorter (so shorter than ``min_items`` too); one range when n < 2 min_items (the work
+    then stays in the calling thread: see :data:`MIN_NUMBERS_PER_THREAD`); none for n = 0.
     """
     ranges = max(1, min(numba.get_num_threads(), n // min_items))
     per_range = max(1, -(-n // ranges))  # ceil(n / ranges)
