@@ -18,8 +18,8 @@ so the backward kernel need not wait for a forward pass to give it inputs.
    process meanwhile runs the model's forward pass once on a batch of zeros,
    which compiles the forward kernels (layer norm, GELU, k-means, routing
    attention), then AdamW on small arrays, and waits for the child.  The two
-   shares took about the same time (7 to 8 s each on a 2-core VM, the
-   ``small`` preset, 2026-12-04).
+   shares took about the same time (8 s each after the fork, on a 2-core VM,
+   the ``small`` preset, 2026-12-04).
 
 The child reads and writes the cache of its three kernels only.  The helpers
 they call, which the forward kernels call too, it compiles in memory without

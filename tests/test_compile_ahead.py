@@ -92,17 +92,24 @@ def test_the_first_step_compiles_nothing_and_gives_the_same_bits(tmp_path):
 
 
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="nothing compiles under NUMBA_DISABLE_JIT")
-def test_the_child_caches_its_own_kernels_only(tmp_path):
+@pytest.mark.parametrize("batch_size, route_heads", [(4, 2), (1, 1)])  # the tiny preset's; one (b, h) pair
+def test_the_child_caches_its_own_kernels_only(tmp_path, batch_size, route_heads):
     """Two processes must never write one function's cache index: the child's share, run alone on an
-    empty cache, leaves entries for its three entry kernels and for nothing they call."""
-    code = ("import sys; from rt_numpy import compile_ahead, train\n"
-            "cfg, tcfg = train.PRESETS['tiny']\n"
-            "compile_ahead._child_kernels(cfg, tcfg.batch_size)\n")
+    empty cache, leaves entries for its entry kernels and for nothing they call, with either schedule
+    of the routing kernels (one (b, h) pair on 2 threads is shared out by cluster)."""
+    code = ("import dataclasses; from rt_numpy import compile_ahead, train\n"
+            "from rt_numpy.kernels import numba_routing\n"
+            f"cfg = dataclasses.replace(train.PRESETS['tiny'][0], n_route_heads={route_heads})\n"
+            f"compile_ahead._child_kernels(cfg, {batch_size})\n"
+            f"print(numba_routing._schedule('auto', {batch_size}, {route_heads}))\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), RT_NUMPY_QUIET_COMPILE="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    schedule = result.stdout.split()[-1]
+    routing = (["numba_routing._head_backward"] if schedule == "by_head"
+               else ["numba_routing._one_cluster_backward", "numba_routing._scatter_rows"])
     indexes = sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.nbi"))
-    assert indexes == ["numba_elementwise._gelu_derivative", "numba_norm._backward", "numba_routing._head_backward"]
+    assert indexes == sorted(["numba_elementwise._gelu_derivative", "numba_norm._backward", *routing])
 
 
 def test_off_the_numba_path_nothing_is_forked(monkeypatch):

@@ -85,7 +85,7 @@ def adamw(p, g, m, v, *, beta1, beta2, bias1, bias2, eps, lr, weight_decay, deca
     new = [np.empty_like(flat[0]) for _ in range(3)]
     constants = [c(beta1), c(1.0 - beta1), c(beta2), c(1.0 - beta2), c(bias1), c(bias2), c(eps), c(lr)]
     if decay:
-        kernel, constants = _adamw, constants + [c(1.0 - lr * weight_decay)]  # ... keep
+        kernel, constants = _adamw, constants + [c(1.0 - lr * weight_decay)]  # and keep, last
     else:
         kernel = _adamw_no_decay
     ranges = numba_threads.thread_ranges(flat[0].shape[0], numba_threads.MIN_NUMBERS_PER_THREAD)
